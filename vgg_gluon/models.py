@@ -1,0 +1,333 @@
+"""VGG networks (Simonyan & Zisserman 2014) as data: a spec table, one builder, a layer summary.
+
+The architecture is the table `VGG_SPECS`; `build_vgg` turns a row of it (optionally narrowed by a
+width multiplier, the tutorials' ``ratio = 4``) into a Gluon `HybridBlock`. Nothing is tied to one
+input resolution or channel count: convolutions and the first `Dense` infer their input size on the
+first forward pass (deferred initialization).
+
+Children are registered under readable names, so the structural parameter names that
+`save_parameters` writes read like ``features.block2.conv1.weight`` or ``classifier.fc3.bias``
+instead of ``features.1.0.weight``; error messages and checkpoint diffs can then name layers.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+from mxnet import gluon
+from mxnet.gluon import nn
+
+log = logging.getLogger(__name__)
+
+Spec = Tuple[Tuple[int, int], ...]
+
+#: (num_convs, channels) per block: configurations A, B, D and E of Simonyan & Zisserman (2014).
+VGG_SPECS: Dict[str, Spec] = {
+    "vgg11": ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512)),
+    "vgg13": ((2, 64), (2, 128), (2, 256), (2, 512), (2, 512)),
+    "vgg16": ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512)),
+    "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
+}
+
+#: Width of the two hidden fully connected layers at width 1.0.
+BASE_FC_UNITS = 4096
+
+#: Five 2x2/2 max-pools halve the image five times: below 32 px the last map would be empty.
+_MIN_IMAGE_SIZE = 2 ** 5
+
+
+def scaled_spec(arch: str, width: float) -> Spec:
+    """`VGG_SPECS[arch]` with every channel count multiplied by `width` (int, at least 1)."""
+    if arch not in VGG_SPECS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(sorted(VGG_SPECS))}")
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return tuple((n, max(1, int(c * width))) for n, c in VGG_SPECS[arch])
+
+
+def default_fc_units(width: float) -> int:
+    """Hidden units of the two hidden dense layers for a width multiplier: round(4096 * width)."""
+    return max(1, int(round(BASE_FC_UNITS * width)))
+
+
+def min_image_size() -> int:
+    """Smallest height/width the network accepts (32: five 2x2 pools)."""
+    return _MIN_IMAGE_SIZE
+
+
+def check_image_size(height: int, width: int) -> None:
+    """Raise ValueError (one line) if an image of height x width is too small for five pools."""
+    if height < _MIN_IMAGE_SIZE or width < _MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"input images of {height}x{width} px are too small for VGG: its five 2x2 max-pools "
+            f"need at least {_MIN_IMAGE_SIZE}x{_MIN_IMAGE_SIZE} px (resize the data)"
+        )
+
+
+# --- layer naming -------------------------------------------------------------------------------
+# One place decides the child names, used both to build the network and to describe it
+# analytically (layer_summary), so the two cannot drift apart.
+
+def _block_layer_names(block_index: int, num_convs: int, batch_norm: bool) -> List[Tuple[str, str]]:
+    """(child name, kind) of the layers inside VGG block `block_index` (1-based)."""
+    del block_index  # same layout for every block; kept for readability at the call sites
+    layers: List[Tuple[str, str]] = []
+    for j in range(1, num_convs + 1):
+        layers.append((f"conv{j}", "conv"))
+        if batch_norm:
+            layers.append((f"bn{j}", "bn"))
+        layers.append((f"relu{j}", "relu"))
+    layers.append(("pool", "pool"))
+    return layers
+
+
+_CLASSIFIER_LAYERS: Tuple[Tuple[str, str], ...] = (
+    ("fc1", "dense"), ("drop1", "dropout"), ("fc2", "dense"), ("drop2", "dropout"), ("fc3", "dense"),
+)
+
+
+class VGG(gluon.HybridBlock):
+    """VGG feature extractor (5 blocks of 3x3 convs + 2x2 max-pool) and a 3-layer classifier.
+
+    Attributes:
+        features: `HybridSequential` of five blocks named ``block1`` .. ``block5``.
+        classifier: `HybridSequential` ``fc1 drop1 fc2 drop2 fc3``.
+        arch, spec, num_classes, batch_norm, fc_units, dropout, width: the configuration, kept so
+            the network can be described (`layer_summary`) and matched against files.
+    """
+
+    def __init__(self, spec: Sequence[Tuple[int, int]], num_classes: int, *, batch_norm: bool = False,
+                 fc_units: int = BASE_FC_UNITS, dropout: float = 0.5, arch: str = "vgg",
+                 width: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if len(spec) != 5:
+            raise ValueError(f"a VGG spec has 5 blocks, got {len(spec)}")
+        if num_classes < 1 or fc_units < 1:
+            raise ValueError(f"num_classes and fc_units must be >= 1, got {num_classes} and {fc_units}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.spec: Spec = tuple((int(n), int(c)) for n, c in spec)
+        self.num_classes = int(num_classes)
+        self.batch_norm = bool(batch_norm)
+        self.fc_units = int(fc_units)
+        self.dropout = float(dropout)
+        self.arch = arch
+        self.width = float(width)
+
+        # He-style init suits ReLU nets; set per layer so a plain `net.initialize()` gets it too.
+        # Convs: gluoncv's VGG choice (gaussian, fan-out, magnitude 2 = Kaiming normal, fan_out).
+        # Dense: Kaiming on fan-in keeps the activation variance of the wide FC layers stable.
+        conv_init = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
+        dense_init = mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)
+
+        with self.name_scope():
+            self.features = nn.HybridSequential(prefix="features_")
+            with self.features.name_scope():
+                for b, (num_convs, channels) in enumerate(self.spec, start=1):
+                    block = nn.HybridSequential(prefix=f"block{b}_")
+                    with block.name_scope():
+                        for name, kind in _block_layer_names(b, num_convs, self.batch_norm):
+                            block.register_child(self._make_layer(kind, channels, conv_init), name)
+                    self.features.register_child(block, f"block{b}")
+
+            self.classifier = nn.HybridSequential(prefix="classifier_")
+            with self.classifier.name_scope():
+                for name, kind in _CLASSIFIER_LAYERS:
+                    if kind == "dropout":
+                        layer = nn.Dropout(self.dropout)
+                    elif name == "fc3":
+                        layer = nn.Dense(self.num_classes, weight_initializer=dense_init)
+                    else:
+                        # Dense flattens (N, C, H, W) itself and infers C*H*W: no resolution baked in.
+                        layer = nn.Dense(self.fc_units, activation="relu", weight_initializer=dense_init)
+                    self.classifier.register_child(layer, name)
+
+    def _make_layer(self, kind: str, channels: int, conv_init: mx.init.Initializer) -> gluon.HybridBlock:
+        if kind == "conv":
+            # With BN right after, a conv bias is redundant: BN subtracts the batch mean (removing
+            # any constant) and adds its own learned shift `beta`. Dropping it saves parameters and
+            # one broadcast add per conv.
+            return nn.Conv2D(channels, kernel_size=3, padding=1, use_bias=not self.batch_norm,
+                             weight_initializer=conv_init)
+        if kind == "bn":
+            return nn.BatchNorm()
+        if kind == "relu":
+            return nn.Activation("relu")
+        if kind == "pool":
+            return nn.MaxPool2D(pool_size=2, strides=2)
+        raise AssertionError(kind)
+
+    def forward(self, x, *args):  # noqa: D102 - validates eager inputs, then Gluon's forward
+        # Check here rather than in hybrid_forward: a hybridized net only sees symbols there, and
+        # MXNet's own error for a too-small or wrong-channel input is a multi-page C++ trace.
+        if isinstance(x, mx.nd.NDArray):
+            if x.ndim != 4:
+                raise ValueError(f"VGG expects a batch of images (N, C, H, W), got shape {x.shape}")
+            check_image_size(x.shape[2], x.shape[3])
+            in_ch = self.in_channels
+            if in_ch and x.shape[1] != in_ch:
+                raise ValueError(f"this network was built for {in_ch}-channel images, got {x.shape[1]} channels")
+        return super().forward(x, *args)
+
+    def hybrid_forward(self, F, x):  # noqa: N803 - Gluon's signature
+        """Logits (N, num_classes) for images (N, C, H, W) with H, W >= 32."""
+        return self.classifier(self.features(x))
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels once known (after the first forward or loading), else 0."""
+        shape = self.features[0][0].weight.shape
+        return int(shape[1]) if shape and len(shape) > 1 else 0
+
+    def describe(self) -> str:
+        """Short human description, e.g. 'vgg11 width 0.25 +BN fc 1024'."""
+        bn = " +BN" if self.batch_norm else ""
+        return f"{self.arch} width {self.width:g}{bn} fc {self.fc_units}"
+
+
+def build_vgg(arch: str, num_classes: int, *, width: float = 1.0, batch_norm: bool = False,
+              fc_units: Optional[int] = None, dropout: float = 0.5) -> VGG:
+    """Build `arch` (vgg11/13/16/19) narrowed by `width`; `fc_units` None -> default_fc_units(width)."""
+    spec = scaled_spec(arch, width)
+    units = default_fc_units(width) if fc_units is None else int(fc_units)
+    net = VGG(spec, num_classes, batch_norm=batch_norm, fc_units=units, dropout=dropout,
+              arch=arch, width=width)
+    log.debug("built %s: spec %s, %d classes", net.describe(), spec, num_classes)
+    return net
+
+
+def initialize(net: VGG, ctx_list: Sequence[mx.Context], *, seed: Optional[int] = None,
+               input_shape: Optional[Tuple[int, int, int]] = None) -> None:
+    """Initialize all parameters on every context in `ctx_list` (He-style init, see `VGG`).
+
+    Shapes may stay deferred until the first forward pass; the random draws happen then, so for a
+    reproducible init either run nothing random in between or pass `input_shape` (C, H, W): a zero
+    batch then goes through the net right away and fixes the weights under `seed`.
+    Already-initialized parameters are left alone (never wipe loaded weights).
+    """
+    ctx_list = list(ctx_list)
+    if not ctx_list:
+        raise ValueError("initialize needs at least one context")
+    if seed is not None:
+        mx.random.seed(int(seed))
+    # The global initializer only covers what the per-layer ones do not: BN gamma/beta/stats and
+    # biases (Initializer dispatches on the name suffix: zeros for bias/beta, ones for gamma/var).
+    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx_list)
+    if input_shape is not None:
+        materialize(net, ctx_list[0], input_shape)
+
+
+def materialize(net: VGG, ctx: mx.Context, input_shape: Tuple[int, int, int]) -> None:
+    """Run one zero image of `input_shape` (C, H, W) through `net` to finish deferred init.
+
+    Runs outside autograd.record(), i.e. in inference mode: BatchNorm running statistics and
+    dropout are untouched.
+    """
+    c, h, w = input_shape
+    check_image_size(h, w)
+    net(mx.nd.zeros((1, c, h, w), ctx=ctx))
+    mx.nd.waitall()
+
+
+# --- analytic description -----------------------------------------------------------------------
+
+@dataclass
+class LayerRow:
+    """One row of a layer table: output shape for batch 1, trainable parameters, multiply-accumulates."""
+    name: str
+    kind: str
+    output_shape: Tuple[int, ...]
+    params: int
+    macs: int
+
+
+def _spec_rows(spec: Spec, batch_norm: bool, fc_units: int, num_classes: int,
+               input_shape: Tuple[int, int, int]) -> List[LayerRow]:
+    """Per-layer rows computed from the configuration alone (no network, no forward pass).
+
+    Counting conventions: `params` are trainable parameters only (BN's running mean/var are state,
+    not trained); `macs` count conv and dense multiply-accumulates, plus one per output element for
+    BN (scale-and-shift at inference); ReLU, max-pool and dropout do no multiplies. Bias adds are
+    not counted, as usual.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape is (channels, height, width), got {input_shape}")
+    c, h, w = (int(v) for v in input_shape)
+    check_image_size(h, w)
+    rows: List[LayerRow] = []
+    for b, (num_convs, channels) in enumerate(spec, start=1):
+        for name, kind in _block_layer_names(b, num_convs, batch_norm):
+            full = f"features.block{b}.{name}"
+            if kind == "conv":
+                params = channels * c * 9 + (0 if batch_norm else channels)
+                macs = channels * h * w * c * 9
+                c = channels
+                rows.append(LayerRow(full, kind, (1, c, h, w), params, macs))
+            elif kind == "bn":
+                rows.append(LayerRow(full, kind, (1, c, h, w), 2 * c, c * h * w))
+            elif kind == "relu":
+                rows.append(LayerRow(full, kind, (1, c, h, w), 0, 0))
+            else:  # pool: 2x2 stride 2, no padding -> floor halving
+                h, w = h // 2, w // 2
+                rows.append(LayerRow(full, kind, (1, c, h, w), 0, 0))
+    features = c * h * w
+    for name, kind in _CLASSIFIER_LAYERS:
+        full = f"classifier.{name}"
+        if kind == "dropout":
+            rows.append(LayerRow(full, kind, (1, features), 0, 0))
+            continue
+        units = num_classes if name == "fc3" else fc_units
+        rows.append(LayerRow(full, kind, (1, units), features * units + units, features * units))
+        features = units
+    return rows
+
+
+def layer_summary(net: VGG, input_shape: Tuple[int, int, int]) -> List[LayerRow]:
+    """One row per layer (conv, bn, relu, pool, dense, dropout) for images of `input_shape` (C, H, W)."""
+    return _spec_rows(net.spec, net.batch_norm, net.fc_units, net.num_classes, input_shape)
+
+
+def block_summary(net: VGG, input_shape: Tuple[int, int, int]) -> List[LayerRow]:
+    """One row per VGG block (kind 'block', totals) followed by one row per classifier layer.
+
+    For vgg11 at 224 px this is the table the tutorials print by hand: (1,64,112,112) ...
+    (1,512,7,7), then dense (1,4096), dropout, dense (1,4096), dropout, dense (1,num_classes).
+    """
+    rows: List[LayerRow] = []
+    for row in layer_summary(net, input_shape):
+        if not row.name.startswith("features."):
+            rows.append(row)
+            continue
+        block = row.name.rsplit(".", 1)[0]
+        if rows and rows[-1].name == block:
+            last = rows[-1]
+            rows[-1] = LayerRow(block, "block", row.output_shape, last.params + row.params, last.macs + row.macs)
+        else:
+            rows.append(LayerRow(block, "block", row.output_shape, row.params, row.macs))
+    return rows
+
+
+def count_params(rows: Iterable[LayerRow]) -> int:
+    """Total trainable parameters of a summary."""
+    return sum(r.params for r in rows)
+
+
+def count_macs(arch: str, width: float, batch_norm: bool, fc_units: Optional[int], num_classes: int,
+               input_shape: Tuple[int, int, int]) -> int:
+    """Forward multiply-accumulates per image (conventions as in `layer_summary`); FLOPs ~ 2 x MACs."""
+    units = default_fc_units(width) if fc_units is None else int(fc_units)
+    rows = _spec_rows(scaled_spec(arch, width), batch_norm, units, num_classes, input_shape)
+    return sum(r.macs for r in rows)
+
+
+def format_summary(rows: Sequence[LayerRow]) -> str:
+    """Plain-text table of summary rows (for the CLI to print)."""
+    lines = [f"{'layer':<26} {'kind':<8} {'output shape':<22} {'params':>12} {'MACs':>15}"]
+    for r in rows:
+        shape = "(" + ", ".join(str(v) for v in r.output_shape) + ")"
+        lines.append(f"{r.name:<26} {r.kind:<8} {shape:<22} {r.params:>12,} {r.macs:>15,}")
+    lines.append(f"{'total':<26} {'':<8} {'':<22} {sum(r.params for r in rows):>12,} "
+                 f"{sum(r.macs for r in rows):>15,}")
+    return "\n".join(lines)
