@@ -1,0 +1,425 @@
+"""Run folders and crash-safe checkpoints.
+
+Layout of a run folder::
+
+    config.yaml            resolved RunConfig
+    history.csv            one row per finished epoch
+    train.log              the epoch lines the CLI printed
+    curves.png             loss / accuracy per epoch
+    epoch-0003/            a committed checkpoint (end of epoch 3)
+        model.params       weights (Block.save_parameters)
+        trainer.states     optimizer state incl. momentum, update count and LR schedule
+        meta.json          format version, epoch, metrics, config, preprocessing
+        MANIFEST.json      SHA-256 and size of the three files above; written last
+    epoch-0004-step-00120/ a mid-epoch checkpoint written on Ctrl-C / SIGTERM
+    last.json, best.json   pointers: {"checkpoint": "epoch-0003", ...}
+
+A checkpoint is written into a temporary folder (``.tmp-...``), every file fsynced, the manifest
+written last, the folder renamed into place and the run folder fsynced; only then does the
+``last.json`` pointer move (atomically, by rename). A crash at any point leaves either the old
+pointer and a stray temporary folder (removed at the next start) or a complete new checkpoint.
+Retention deletes old checkpoints only after the new one is committed, and never the best one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PARAMS, STATES, META, MANIFEST = "model.params", "trainer.states", "meta.json", "MANIFEST.json"
+CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{5,}))?$")
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(Exception):
+    """A one-line, user-facing problem with a run folder or checkpoint file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# durable file primitives
+def fsync_dir(path: Path) -> None:
+    """Make a rename/create inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, text.encode("utf-8"))
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fault(stage: str) -> None:
+    """Test-only fault injection: VGG_GLUON_CRASH_AT=<stage> kills this process with SIGKILL there.
+
+    Lets the fault-injection tests crash a real training process at an exact point of a save.
+    """
+    if os.environ.get("VGG_GLUON_CRASH_AT") == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# restricted loading of optimizer states (MXNet writes them with pickle)
+_ALLOWED_GLOBALS = {
+    ("mxnet.ndarray.ndarray", "NDArray"),
+    ("builtins", "bytearray"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("builtins", "slice"), ("builtins", "complex"),
+    ("collections", "OrderedDict"), ("collections", "defaultdict"),
+    ("copyreg", "_reconstructor"), ("builtins", "object"),
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+}
+# Optimizer and LR-scheduler classes are admitted by module, but only real subclasses.
+_OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer")
+_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        if module in _OPTIMIZER_MODULES or module in _SCHEDULER_MODULES:
+            import mxnet as mx
+            obj = super().find_class(module, name)
+            base = mx.optimizer.Optimizer if module in _OPTIMIZER_MODULES else mx.lr_scheduler.LRScheduler
+            if isinstance(obj, type) and issubclass(obj, base):
+                return obj
+        raise pickle.UnpicklingError(f"refused to load '{module}.{name}'")
+
+
+def safe_unpickle_states(data: bytes, path: Path) -> Any:
+    """Unpickle optimizer states admitting only optimizer, scheduler, NDArray and plain data."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: not loaded, it is not a plain MXNet optimizer state file ({exc})") from None
+    except Exception as exc:  # truncated/corrupt pickles raise many types
+        raise CheckpointError(f"{path}: optimizer state file is corrupted ({type(exc).__name__})") from None
+
+
+def load_trainer_states(trainer, path: Path) -> None:
+    """Equivalent of `Trainer.load_states`, but through the restricted unpickler.
+
+    MXNet's own `load_states` calls `pickle.loads` on the file, which would run any code in it;
+    here the validated object is handed to the updaters directly (mxnet 1.9.1 internals, pinned).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    states = safe_unpickle_states(data, path)
+    if not (isinstance(states, tuple) and len(states) == 2 and isinstance(states[0], dict)):
+        raise CheckpointError(f"{path}: not an MXNet optimizer state file (no optimizer saved in it)")
+    state_dict, optimizer = states
+    import mxnet as mx
+    if not isinstance(optimizer, mx.optimizer.Optimizer):
+        raise CheckpointError(f"{path}: not an MXNet optimizer state file")
+    if not trainer._kv_initialized:
+        trainer._init_kvstore()
+    if trainer._params_to_init:
+        trainer._init_params()
+    if set(state_dict) - set(range(len(trainer._params))):
+        raise CheckpointError(f"{path}: optimizer state is for another network "
+                              f"({len(state_dict)} entries, network has {len(trainer._params)} parameters)")
+    expected = type(trainer._optimizer).__name__
+    if type(optimizer).__name__ != expected:
+        raise CheckpointError(f"{path}: holds a {type(optimizer).__name__} optimizer state, "
+                              f"this run uses {expected}")
+
+    def _install(updater, states_obj, opt):
+        updater.states, updater.optimizer = states_obj, opt
+        updater.states_synced = dict.fromkeys(updater.states.keys(), False)
+
+    if trainer._update_on_kvstore:
+        updater = getattr(trainer._kvstore, "_updater", None)
+        if updater is None:
+            raise CheckpointError(f"{path}: optimizer state lives on the parameter servers with "
+                                  "this kvstore and cannot be restored into it")
+        _install(updater, state_dict, optimizer)
+    else:
+        # Every device's updater gets its own copy (states are moved to its device lazily).
+        for i, updater in enumerate(trainer._updaters):
+            _install(updater, state_dict if i == 0 else safe_unpickle_states(data, path), optimizer)
+    trainer._optimizer = optimizer
+    optimizer.param_dict = {i: p for i, p in enumerate(trainer._params)}
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+@dataclass
+class Checkpoint:
+    path: Path
+    epoch: int          # epochs completed (for a mid-epoch checkpoint: the epoch it is inside is epoch+1)
+    step: int           # batches done inside the next epoch; 0 for an end-of-epoch checkpoint
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def meta(self) -> Dict[str, Any]:
+        return read_meta(self.path / META)
+
+
+def checkpoint_name(epoch: int, step: int = 0) -> str:
+    return f"epoch-{epoch:04d}" + (f"-step-{step:05d}" if step else "")
+
+
+def read_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable or not JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_meta(path: Path) -> Dict[str, Any]:
+    meta = read_json(path)
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: no format_version: not a vgg-gluon checkpoint")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer vgg-gluon (format {version}, this one reads "
+                              f"{FORMAT_VERSION}): upgrade vgg-gluon")
+    for key in ("epoch", "config"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: metadata lacks '{key}'")
+    return meta
+
+
+def verify(ckpt: Checkpoint) -> None:
+    """Check every file against the manifest; raise CheckpointError naming the first bad one."""
+    manifest = read_json(ckpt.file(MANIFEST))
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(files) != {PARAMS, STATES, META}:
+        raise CheckpointError(f"{ckpt.file(MANIFEST)}: incomplete manifest")
+    for name, entry in files.items():
+        path = ckpt.file(name)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing from checkpoint") from None
+        if size != entry.get("size"):
+            raise CheckpointError(f"{path}: corrupted (size {size}, manifest says {entry.get('size')})")
+        if sha256_file(path) != entry.get("sha256"):
+            raise CheckpointError(f"{path}: corrupted (SHA-256 differs from the manifest)")
+    read_meta(ckpt.file(META))
+
+
+def list_checkpoints(run_dir: Path) -> List[Checkpoint]:
+    """Committed-looking checkpoints (final name and a manifest), oldest first. Not verified."""
+    out = []
+    for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else ():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / MANIFEST).is_file():
+            out.append(Checkpoint(p, int(m.group(1)), int(m.group(2) or 0)))
+    return sorted(out, key=lambda c: (c.epoch, c.step))
+
+
+def read_pointer(run_dir: Path, which: str) -> Optional[Checkpoint]:
+    path = Path(run_dir) / f"{which}.json"
+    if not path.exists():
+        return None
+    name = read_json(path).get("checkpoint")
+    m = CKPT_RE.match(str(name or ""))
+    if not m:
+        raise CheckpointError(f"{path}: points to '{name}', not a checkpoint name")
+    return Checkpoint(Path(run_dir) / name, int(m.group(1)), int(m.group(2) or 0))
+
+
+def cleanup_temp(run_dir: Path) -> int:
+    """Remove leftovers of interrupted saves; returns how many were removed."""
+    n = 0
+    for p in Path(run_dir).glob(f"{TMP_PREFIX}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            _unlink_quietly(p)
+        n += 1
+    if n:
+        log.info("removed %d leftover temporary file(s) of an interrupted save in %s", n, run_dir)
+    return n
+
+
+def select_checkpoint(run_dir: Path, which: str = "last") -> Checkpoint:
+    """The checkpoint to resume or evaluate: the pointer's target if it verifies, else the newest
+    complete one (with a warning naming what was wrong)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder")
+    problems: List[str] = []
+    try:
+        pointed = read_pointer(run_dir, which)
+    except CheckpointError as exc:
+        pointed, _ = None, problems.append(str(exc))
+    if pointed is not None:
+        try:
+            verify(pointed)
+            return pointed
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    candidates = list_checkpoints(run_dir)
+    if which == "best":
+        candidates.sort(key=lambda c: _best_key(c))
+    for ckpt in reversed(candidates):
+        if pointed is not None and ckpt.path == pointed.path:
+            continue
+        try:
+            verify(ckpt)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if problems:
+            log.warning("%s; using the previous complete checkpoint %s", problems[0], ckpt.name)
+        return ckpt
+    if problems:
+        raise CheckpointError(f"{problems[0]}; no other complete checkpoint in {run_dir}")
+    raise CheckpointError(f"{run_dir}: no checkpoint yet (is this a vgg-gluon run folder?)")
+
+
+def _best_key(ckpt: Checkpoint) -> float:
+    try:
+        return float(ckpt.meta().get("metrics", {}).get("test_acc", -1.0))
+    except CheckpointError:
+        return -1.0
+
+
+def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch: int, step: int = 0,
+                    is_best: bool = False, keep_last: int = 3) -> Checkpoint:
+    """Commit one checkpoint atomically, move the pointers, then apply retention."""
+    run_dir = Path(run_dir)
+    final = run_dir / checkpoint_name(epoch, step)
+    tmp = run_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        net.save_parameters(str(tmp / PARAMS))
+        fsync_file(tmp / PARAMS)
+        _fault("after-params")
+        trainer.save_states(str(tmp / STATES))
+        fsync_file(tmp / STATES)
+        _fault("after-states")
+        meta = dict(meta, format_version=FORMAT_VERSION, epoch=epoch, step=step,
+                    saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _write_fsync(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        _fault("before-manifest")
+        files = {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
+                 for n in (PARAMS, STATES, META)}
+        _write_fsync(tmp / MANIFEST, json.dumps({"format_version": FORMAT_VERSION, "files": files},
+                                                 indent=2, sort_keys=True).encode())
+        fsync_dir(tmp)
+        if final.exists():
+            # A newer checkpoint of an abandoned timeline (e.g. committed but never pointed to
+            # before a crash): keep it aside rather than delete what a user may want.
+            aside = run_dir / f"{final.name}.replaced-{int(time.time())}"
+            os.replace(final, aside)
+            log.warning("moved existing %s aside to %s", final.name, aside.name)
+        os.replace(tmp, final)
+        fsync_dir(run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ckpt = Checkpoint(final, epoch, step)
+    _fault("before-pointer")
+    pointer = {"checkpoint": final.name, "epoch": epoch, "step": step,
+               "test_acc": meta.get("metrics", {}).get("test_acc")}
+    atomic_write_text(run_dir / "last.json", json.dumps(pointer, indent=2) + "\n")
+    if is_best:
+        atomic_write_text(run_dir / "best.json", json.dumps(pointer, indent=2) + "\n")
+    _fault("after-pointer")
+    apply_retention(run_dir, keep_last)
+    return ckpt
+
+
+def _write_fsync(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def apply_retention(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` end-of-epoch checkpoints; keep the pointed-to ones."""
+    protected = set()
+    for which in ("last", "best"):
+        try:
+            ptr = read_pointer(run_dir, which)
+        except CheckpointError:
+            continue
+        if ptr is not None:
+            protected.add(ptr.path.name)
+    ckpts = list_checkpoints(run_dir)
+    last = read_pointer(run_dir, "last")
+    # Mid-epoch checkpoints are superseded by any later checkpoint.
+    for c in ckpts:
+        if c.step and c.name not in protected and last is not None and (c.epoch, c.step) < (last.epoch, last.step):
+            shutil.rmtree(c.path, ignore_errors=True)
+    ends = [c for c in list_checkpoints(run_dir) if not c.step]
+    for c in ends[:-keep_last] if keep_last > 0 else []:
+        if c.name not in protected:
+            shutil.rmtree(c.path, ignore_errors=True)
+    fsync_dir(run_dir)

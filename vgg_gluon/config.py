@@ -1,0 +1,212 @@
+"""RunConfig: every setting of a run, resolved as defaults < experiments/*.yaml < command-line flags.
+
+The resolved config is written into the run folder (config.yaml), so a run can be reproduced and
+resumed from its folder alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+DATASETS = ("fashion-mnist", "cifar10")
+ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
+OPTIMIZERS = ("sgd", "nag", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
+
+
+class ConfigError(ValueError):
+    """A one-line, user-facing problem with a setting."""
+
+
+@dataclass
+class RunConfig:
+    # data
+    dataset: str = "fashion-mnist"
+    data_dir: Optional[str] = None          # None: $VGG_GLUON_DATA_DIR or ./data
+    image_size: Optional[int] = None        # None: native 32 px (Fashion-MNIST padded 28 -> 32)
+    augment_crop: int = 0                   # random crop with this much zero padding (0 = off)
+    augment_flip: bool = False              # random horizontal flip
+    val_split: float = 0.0                  # fraction of train held out for validation
+    train_limit: Optional[int] = None       # use only the first N training images
+    test_limit: Optional[int] = None
+    # model
+    arch: str = "vgg11"
+    width: float = 0.25
+    batch_norm: bool = True
+    fc_units: Optional[int] = None          # None: 4096 * width
+    dropout: float = 0.5
+    hybridize: bool = True
+    # optimization
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    wd: float = 5e-4
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    lr_steps: List[int] = field(default_factory=list)  # epochs at which "step" multiplies by lr_factor
+    lr_factor: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 42
+    # devices and run folder
+    ctx: str = "auto"
+    kvstore: str = "device"
+    run_name: Optional[str] = None
+    output_dir: str = "checkpoints"
+    keep_last: int = 3
+    log_interval: int = 20                  # steps between progress-bar readings of loss/accuracy
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "RunConfig":
+        cfg = cls()
+        cfg.update(values, source)
+        return cfg
+
+    def update(self, values: Dict[str, Any], source: str = "config") -> "RunConfig":
+        """Apply settings; unknown keys get a suggestion. None values mean 'not given'."""
+        names = self.field_names()
+        for key, value in values.items():
+            key = key.replace("-", "_")
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                raise ConfigError(f"{source}: unknown setting '{key}'"
+                                  + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            if value is not None:
+                setattr(self, key, _coerce(key, value, source))
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> "RunConfig":
+        return cls.from_dict(load_yaml(path), source=str(path))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        """Raise ConfigError on the first bad value, with the allowed range."""
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("arch", self.arch, ARCHS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_schedule", self.lr_schedule, SCHEDULES)
+        _choice("kvstore", self.kvstore, KVSTORES)
+        _positive("epochs", self.epochs)
+        _positive("batch_size", self.batch_size)
+        _positive("lr", self.lr)
+        _positive("width", self.width)
+        _positive("keep_last", self.keep_last)
+        _positive("log_interval", self.log_interval)
+        if self.fc_units is not None:
+            _positive("fc_units", self.fc_units)
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.image_size is not None and self.image_size < 32:
+            raise ConfigError(f"image_size must be at least 32 (five 2x2 poolings), got {self.image_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.val_split < 1.0:
+            raise ConfigError(f"val_split must be in [0, 1), got {self.val_split}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("momentum", "wd", "warmup_epochs", "augment_crop"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must be below 1, got {self.momentum}")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        if not 0 < self.lr_factor <= 1:
+            raise ConfigError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
+        if sorted(self.lr_steps) != list(self.lr_steps) or any(s <= 0 for s in self.lr_steps):
+            raise ConfigError(f"lr_steps must be increasing positive epochs, got {self.lr_steps}")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name
+                                          or self.run_name in (".", "..")):
+            raise ConfigError(f"run name '{self.run_name}' must be a plain folder name")
+        return self
+
+
+# Types of fields whose default is None, for coercion of YAML/CLI strings.
+_OPTIONAL_TYPES = {"data_dir": str, "image_size": int, "train_limit": int, "test_limit": int,
+                   "fc_units": int, "run_name": str}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    default = getattr(RunConfig(), key)
+    kind = _OPTIONAL_TYPES.get(key) or type(default)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if kind is list:
+            if isinstance(value, str):
+                value = [v for v in value.replace(" ", "").split(",") if v]
+            return [int(v) for v in value]
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        raise ConfigError(f"unknown {name} '{value}': choose from {', '.join(choices)}"
+                          + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+
+
+def _positive(name: str, value) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{name} must be positive, got {value}")
+
+
+def load_yaml(path: Path) -> Dict[str, Any]:
+    """Read a YAML mapping; any problem becomes one ConfigError line naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read ({exc})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data

@@ -1,0 +1,374 @@
+"""Training and evaluation: one Session per run, short functions that return dicts of metrics."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from vgg_gluon import checkpoint as ckpt_mod
+from vgg_gluon import data as data_mod
+from vgg_gluon import models, report
+from vgg_gluon.config import RunConfig
+from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
+
+log = logging.getLogger(__name__)
+mx = import_mxnet()
+from mxnet import autograd, gluon  # noqa: E402  (after the checked import above)
+
+
+class NonFiniteLoss(Exception):
+    """Training produced NaN/Inf; the last good checkpoint is left as it is."""
+
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(f"loss became {value} at epoch {epoch}, step {step}: training stopped; "
+                         "lower --lr, add --warmup-epochs or turn on --batch-norm")
+        self.epoch, self.step = epoch, step
+
+
+class StopRequested(Exception):
+    """Raised inside the loop when the user asked to stop (Ctrl-C / SIGTERM)."""
+
+
+@dataclass
+class Progress:
+    """What the progress callback sees every `log_interval` steps."""
+    epoch: int
+    step: int
+    steps: int
+    loss: float
+    acc: float
+    img_per_s: float
+    lr: float
+
+
+@dataclass
+class Partial:
+    """Sums of an unfinished epoch, saved in a mid-epoch checkpoint so the epoch's metrics stay whole."""
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# building blocks
+def make_lr_scheduler(cfg: RunConfig, iters_per_epoch: int):
+    """Per-iteration schedule: linear warmup then constant/step/cosine (gluoncv's schedulers)."""
+    from gluoncv.utils import LRScheduler, LRSequential
+    mode = {"constant": "constant", "step": "step", "cosine": "cosine"}[cfg.lr_schedule]
+    warm = cfg.warmup_epochs
+    parts = []
+    if warm > 0:
+        parts.append(LRScheduler("linear", base_lr=0.0, target_lr=cfg.lr, nepochs=warm,
+                                 iters_per_epoch=iters_per_epoch))
+    kwargs = {}
+    if mode == "step":
+        kwargs = dict(step_epoch=[s - warm for s in cfg.lr_steps if s > warm] or [cfg.epochs * 10],
+                      step_factor=cfg.lr_factor)
+    parts.append(LRScheduler(mode, base_lr=cfg.lr, target_lr=0.0, nepochs=cfg.epochs - warm,
+                             iters_per_epoch=iters_per_epoch, **kwargs))
+    return LRSequential(parts)
+
+
+def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, kvstore: Optional[str] = None):
+    opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": make_lr_scheduler(cfg, iters_per_epoch)}
+    if cfg.optimizer in ("sgd", "nag"):
+        opt_params["momentum"] = cfg.momentum
+    return gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params,
+                         kvstore=kvstore or cfg.kvstore)
+
+
+def current_lr(trainer) -> float:
+    opt = trainer._optimizer
+    return float(opt.lr_scheduler(opt.num_update) if opt.lr_scheduler else opt.lr)
+
+
+def _sum_scalars(arrays) -> float:
+    return float(sum(a.asscalar() for a in arrays))
+
+
+# ------------------------------------------------------------------------------------------------
+# one epoch of training, one pass of evaluation
+def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: int,
+                    label_smoothing: float = 0.0, partial: Optional[Partial] = None,
+                    log_interval: int = 20, on_progress: Optional[Callable[[Progress], None]] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
+    """Train for one epoch (from `partial.step` on) and return its metrics.
+
+    Loss and accuracy are summed on the devices and read every `log_interval` steps; the only
+    per-step read is the previous step's loss (one step behind, so the device never waits) to stop
+    within a step of a NaN. Raises StopRequested (with `.partial`) when `should_stop()` turns true.
+    """
+    partial = partial or Partial()
+    steps = len(loader)
+    loss_acc = [mx.nd.zeros((1,), ctx=c) for c in loader.ctx_list]
+    corr_acc = [mx.nd.zeros((1,), ctx=c) for c in loader.ctx_list]
+    read_loss, read_corr, read_samples = partial.loss_sum, partial.correct, partial.samples
+    samples, prev_loss, step = partial.samples, None, partial.step
+    t0, window_t, window_n = time.time(), time.time(), 0
+
+    def read_totals():
+        return read_loss + _sum_scalars(loss_acc), read_corr + _sum_scalars(corr_acc)
+
+    for data, labels in loader.epoch(epoch, start_batch=partial.step):
+        with autograd.record():
+            outs = [net(x) for x in data]
+            if label_smoothing > 0:
+                targets = [mx.nd.one_hot(y, num_classes) * (1 - label_smoothing) + label_smoothing / num_classes
+                           for y in labels]
+            else:
+                targets = labels
+            losses = [loss_fn(o, t) for o, t in zip(outs, targets)]
+        autograd.backward(losses)
+        n = sum(x.shape[0] for x in data)
+        trainer.step(n)
+        step_loss = []
+        for i, (o, y, lo) in enumerate(zip(outs, labels, losses)):
+            s = lo.sum()
+            step_loss.append(s)
+            loss_acc[i] += s
+            corr_acc[i] += (o.argmax(axis=1) == y).sum()
+        if prev_loss is not None:
+            value = _sum_scalars(prev_loss)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(epoch, step, value)
+        prev_loss = step_loss
+        step += 1
+        samples += n
+        window_n += n
+        if on_progress and (step % log_interval == 0 or step == steps):
+            total_loss, total_corr = read_totals()
+            now = time.time()
+            on_progress(Progress(epoch, step, steps, total_loss / max(samples, 1),
+                                 total_corr / max(samples, 1), window_n / max(now - window_t, 1e-9),
+                                 current_lr(trainer)))
+            window_t, window_n = now, 0
+        if should_stop and should_stop() and step < steps:
+            total_loss, total_corr = read_totals()
+            exc = StopRequested()
+            exc.partial = Partial(step, total_loss, total_corr, samples,
+                                  partial.seconds + time.time() - t0)
+            raise exc
+    if prev_loss is not None:
+        value = _sum_scalars(prev_loss)
+        if not math.isfinite(value):
+            raise NonFiniteLoss(epoch, step, value)
+    total_loss, total_corr = read_totals()
+    seconds = partial.seconds + time.time() - t0
+    trained = samples - partial.samples
+    return {"train_loss": total_loss / max(samples, 1), "train_acc": total_corr / max(samples, 1),
+            "seconds": seconds, "img_per_s": trained / max(time.time() - t0, 1e-9),
+            "lr": current_lr(trainer)}
+
+
+def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
+    """Accuracy, mean loss, per-class accuracy, confusion matrix and img/s over one split."""
+    loss_fn = loss_fn or gluon.loss.SoftmaxCrossEntropyLoss()
+    t0 = time.time()
+    loss_sums, preds, truths = [], [], []
+    for data, labels in loader.epoch(0):
+        for x, y in zip(data, labels):
+            out = net(x)
+            loss_sums.append(loss_fn(out, y).sum())
+            preds.append(out.argmax(axis=1).as_in_context(mx.cpu()))
+            truths.append(y.as_in_context(mx.cpu()))
+    pred = mx.nd.concat(*preds, dim=0).asnumpy().astype(np.int64) if preds else np.zeros(0, np.int64)
+    true = mx.nd.concat(*truths, dim=0).asnumpy().astype(np.int64) if truths else np.zeros(0, np.int64)
+    loss_total = _sum_scalars(loss_sums)
+    seconds = time.time() - t0
+    n = len(true)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (true, pred), 1)
+    per_class = [float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else float("nan")
+                 for c in range(num_classes)]
+    return {"loss": loss_total / max(n, 1), "acc": float((pred == true).mean()) if n else float("nan"),
+            "samples": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9),
+            "per_class_acc": per_class, "confusion": confusion.tolist()}
+
+
+# ------------------------------------------------------------------------------------------------
+# a run
+@dataclass
+class Session:
+    """Everything one run needs, built in the order MXNet wants: data, network on every context,
+    hybridize, then the Trainer."""
+    cfg: RunConfig
+    ctx_list: list
+    dataset: Any
+    net: Any
+    train_loader: Any = None
+    eval_loader: Any = None
+    val_loader: Any = None
+    trainer: Any = None
+    loss_fn: Any = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.classes)
+
+    @property
+    def input_shape(self):
+        return data_mod.input_shape(self.cfg.dataset, self.cfg.image_size)
+
+    def preprocessing(self) -> Dict[str, Any]:
+        return {"dataset": self.cfg.dataset, "classes": list(self.dataset.classes),
+                "mean": list(self.dataset.mean), "std": list(self.dataset.std),
+                "input_shape": list(self.input_shape), "pad_to": data_mod.native_size(self.cfg.dataset),
+                "image_size": self.cfg.image_size}
+
+
+def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_source=None,
+                  dataset=None) -> Session:
+    """Load data, build the network on every context and (when training) the Trainer.
+
+    params_source: None (fresh init), a Checkpoint, or a path to a bare .params file.
+    """
+    cfg.validate()
+    ctx_list = ctx_list or resolve_ctx(cfg.ctx)
+    if train and cfg.batch_size < len(ctx_list):
+        from vgg_gluon.config import ConfigError
+        raise ConfigError(f"batch size {cfg.batch_size} is smaller than the number of devices ({len(ctx_list)})")
+    seed_everything(cfg.seed)
+    if dataset is None:
+        dataset = data_mod.load_dataset(
+            cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, train_limit=cfg.train_limit,
+            test_limit=cfg.test_limit, val_split=cfg.val_split, seed=cfg.seed)
+    net = models.build_vgg(cfg.arch, len(dataset.classes), width=cfg.width, batch_norm=cfg.batch_norm,
+                           fc_units=cfg.fc_units, dropout=cfg.dropout)
+    s = Session(cfg, ctx_list, dataset, net)
+    shape = s.input_shape
+    if isinstance(params_source, ckpt_mod.Checkpoint):
+        load_checkpoint_params(net, params_source.file(ckpt_mod.PARAMS), ctx_list)
+    elif params_source is not None:
+        from vgg_gluon import foreign
+        models.initialize(net, ctx_list, seed=cfg.seed)
+        report_ = foreign.load_params_any(net, Path(params_source), ctx_list, input_shape=shape)
+        log.info("%s", report_.message)
+        s.foreign_report = report_
+    else:
+        models.initialize(net, ctx_list, seed=cfg.seed)
+    if cfg.hybridize:
+        net.hybridize(static_alloc=True, static_shape=True)
+    common = dict(mean=dataset.mean, std=dataset.std, pad_to=data_mod.native_size(cfg.dataset),
+                  image_size=cfg.image_size)
+    eval_bs = max(cfg.batch_size, 256)
+    s.eval_loader = data_mod.BatchLoader(dataset.test, eval_bs, ctx_list, train=False, **common)
+    if dataset.val is not None:
+        s.val_loader = data_mod.BatchLoader(dataset.val, eval_bs, ctx_list, train=False, **common)
+    s.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=cfg.label_smoothing <= 0)
+    if train:
+        s.train_loader = data_mod.BatchLoader(
+            dataset.train, cfg.batch_size, ctx_list, train=True, augment_crop_pad=cfg.augment_crop,
+            augment_flip=cfg.augment_flip, seed=cfg.seed, **common)
+        if len(s.train_loader) == 0:
+            from vgg_gluon.config import ConfigError
+            raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
+                              f"({len(dataset.train.labels)} images)")
+        # Materialize deferred shapes on every context before the Trainer sees the parameters.
+        net(mx.nd.zeros((1,) + tuple(shape), ctx=ctx_list[0]))
+        s.trainer = make_trainer(net, cfg, len(s.train_loader))
+    return s
+
+
+def load_checkpoint_params(net, path: Path, ctx_list) -> None:
+    """Load our own weights strictly; any problem is one CheckpointError line."""
+    try:
+        net.load_parameters(str(path), ctx=ctx_list)
+    except Exception as exc:  # MXNetError, AssertionError (name/shape mismatch), OSError
+        msg = str(exc).strip().splitlines()
+        detail = next((m for m in msg if "shape" in m.lower() or "missing" in m.lower()), msg[0] if msg else "")
+        raise ckpt_mod.CheckpointError(f"{path}: cannot load weights ({detail[:200]})") from None
+
+
+def checkpoint_meta(s: Session, metrics: Dict[str, Any], best_acc: float, partial: Optional[Partial]) -> Dict[str, Any]:
+    import vgg_gluon
+    meta = {"config": s.cfg.to_dict(), "metrics": metrics, "best_acc": best_acc,
+            "preprocessing": s.preprocessing(), "ctx": ctx_string(s.ctx_list),
+            "num_update": int(s.trainer._optimizer.num_update), "mxnet": mx.__version__,
+            "vgg_gluon": vgg_gluon.__version__}
+    if partial is not None:
+        meta["partial"] = partial.__dict__
+    return meta
+
+
+@dataclass
+class FitResult:
+    status: str                      # finished | stopped | nonfinite
+    epoch: int                       # epochs completed
+    checkpoint: Optional[Any] = None
+    best_acc: float = float("nan")
+    message: str = ""
+
+
+def _params_finite(net) -> bool:
+    for p in net.collect_params().values():
+        if not np.isfinite(p.list_data()[0].asnumpy()).all():
+            return False
+    return True
+
+
+def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Partial] = None,
+        best_acc: float = -1.0, on_progress=None, on_epoch=None,
+        should_stop: Optional[Callable[[], bool]] = None, is_writer: bool = True) -> FitResult:
+    """Train epochs start_epoch+1 .. cfg.epochs, committing a checkpoint after each.
+
+    Epoch e's data order, augmentation and dropout seed depend only on (seed, e), so a resumed run
+    replays exactly what an uninterrupted one would have done.
+    """
+    cfg = s.cfg
+    run_dir = Path(run_dir)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        mx.random.seed(cfg.seed * 100003 + epoch)
+        try:
+            m = train_one_epoch(s.net, s.trainer, s.train_loader, s.loss_fn, epoch=epoch,
+                                num_classes=s.num_classes, label_smoothing=cfg.label_smoothing,
+                                partial=partial, log_interval=cfg.log_interval,
+                                on_progress=on_progress, should_stop=should_stop)
+        except StopRequested as stop:
+            c = None
+            if is_writer and _params_finite(s.net):
+                c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer,
+                                             checkpoint_meta(s, {}, best_acc, stop.partial),
+                                             epoch=epoch - 1, step=stop.partial.step, keep_last=cfg.keep_last)
+            return FitResult("stopped", epoch - 1, c, best_acc,
+                             f"stopped in epoch {epoch} after step {stop.partial.step}")
+        except NonFiniteLoss as exc:
+            return FitResult("nonfinite", epoch - 1, None, best_acc, str(exc))
+        partial = None
+        test = evaluate(s.net, s.eval_loader, s.num_classes)
+        row = {"epoch": epoch, **{k: m[k] for k in ("train_loss", "train_acc")},
+               "test_loss": test["loss"], "test_acc": test["acc"]}
+        select_acc = test["acc"]
+        if s.val_loader is not None:
+            val = evaluate(s.net, s.val_loader, s.num_classes)
+            row.update(val_loss=val["loss"], val_acc=val["acc"])
+            select_acc = val["acc"]  # choose "best" on validation data when there is some
+        row.update(lr=m["lr"], seconds=m["seconds"], img_per_s=m["img_per_s"],
+                   eval_img_per_s=test["img_per_s"])
+        is_best = select_acc > best_acc
+        best_acc = max(best_acc, select_acc)
+        c = None
+        if is_writer:
+            if not _params_finite(s.net):
+                return FitResult("nonfinite", epoch - 1, None, best_acc,
+                                 f"parameters became NaN/Inf in epoch {epoch}: not saved; lower --lr")
+            c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer, checkpoint_meta(s, row, best_acc, None),
+                                         epoch=epoch, is_best=is_best, keep_last=cfg.keep_last)
+            s.history = [r for r in s.history if int(r["epoch"]) < epoch] + [row]
+            report.write_history(run_dir / "history.csv", s.history)
+            try:
+                report.plot_curves(run_dir / "curves.png", s.history)
+            except Exception as exc:  # a plot must never stop training
+                log.warning("could not draw curves.png: %s", exc)
+        if on_epoch:
+            on_epoch(row, is_best)
+        if should_stop and should_stop() and epoch < cfg.epochs:
+            return FitResult("stopped", epoch, c, best_acc, f"stopped after epoch {epoch}")
+    return FitResult("finished", cfg.epochs, None, best_acc, "")
