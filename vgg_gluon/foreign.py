@@ -1,0 +1,295 @@
+"""Load `.params` files written by other Gluon VGG scripts into our `VGG`.
+
+Two layouts are understood:
+
+* ``vgg-gluon``: the structural names our own `net.save_parameters` writes
+  (``features.block1.conv1.weight`` ...). Loaded strictly by name with `net.load_parameters`.
+* ``mapped``: anything else that holds the same tensors in the same network order, e.g. the
+  tutorials' ``nn.Sequential`` VGG saved with `save_parameters` (``0.0.weight`` ... ``5.weight`` or
+  ``6.weight``, with or without a `Flatten` in between) or with the old `save_params`
+  (``sequential0_sequential0_conv0_weight`` ...). Tensors are put in network order, then matched
+  to our parameters one by one by shape.
+
+Every failure is a `ParamsError` with one line that names the file and the first thing wrong.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+
+from vgg_gluon.models import VGG, VGG_SPECS, initialize, materialize
+
+log = logging.getLogger(__name__)
+
+LAYOUT_NATIVE = "vgg-gluon"
+LAYOUT_MAPPED = "mapped"
+
+# Order of a layer's tensors as Gluon registers them (Conv2D/Dense: weight, bias; BatchNorm: gamma,
+# beta, running_mean, running_var). Files are re-sorted by it so a file whose writer sorted names
+# alphabetically (bias < weight) still lines up with our network order.
+_SUFFIX_RANK = {
+    "weight": 0, "bias": 1, "gamma": 2, "beta": 3,
+    "running_mean": 4, "moving_mean": 4, "running_var": 5, "moving_var": 5,
+}
+_BN_SUFFIXES = {"gamma", "beta", "running_mean", "moving_mean", "running_var", "moving_var"}
+_PREFIXED_SUFFIX = re.compile(r"^(?P<layer>.*?)_?(?P<suffix>running_mean|running_var|moving_mean|moving_var"
+                              r"|weight|bias|gamma|beta)$")
+
+
+class ParamsError(Exception):
+    """One user-facing line: which file, what is wrong (first mismatch)."""
+
+
+@dataclass
+class LoadReport:
+    """What `load_params_any` did: the file, the layout it recognised, how many tensors it loaded."""
+    path: str
+    layout: str  # "vgg-gluon" | "mapped"
+    mapped: int
+    message: str
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def _mx_reason(exc: BaseException) -> str:
+    """The useful last line of an MXNetError (they carry a C++ 'Traceback' header)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    reason = lines[-1]
+    for prefix in ("MXNetError: ", "LocalFileSystem: "):
+        if reason.startswith(prefix):
+            reason = reason[len(prefix):]
+    if reason.startswith("Check failed:"):
+        reason = reason.rsplit(": ", 1)[-1]  # drop the C++ condition, keep the message
+    return reason
+
+
+def read_params_file(path: Path) -> Dict[str, mx.nd.NDArray]:
+    """Named arrays of an MXNet `.params` file, or ParamsError if it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: no such file")
+    if not path.is_file():
+        raise ParamsError(f"{path} is not a readable MXNet .params file (it is a directory)")
+    if path.stat().st_size == 0:
+        raise ParamsError(f"{path} is not a readable MXNet .params file (the file is empty)")
+    try:
+        loaded = mx.nd.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - MXNetError, OSError, MemoryError...: all mean "bad file"
+        raise ParamsError(f"{path} is not a readable MXNet .params file ({_mx_reason(exc)})") from None
+    if isinstance(loaded, list):
+        if not loaded:
+            raise ParamsError(f"{path} is not a readable MXNet .params file (it holds no arrays)")
+        raise ParamsError(f"{path} is not a readable MXNet .params file (it holds {len(loaded)} unnamed "
+                          "arrays, not named parameters)")
+    if not loaded:
+        raise ParamsError(f"{path} is not a readable MXNet .params file (it holds no arrays)")
+    return loaded
+
+
+# --- ordering a foreign file --------------------------------------------------------------------
+
+def _strip_kind(name: str) -> str:
+    # Symbol-API exports (`HybridBlock.export`) tag names 'arg:' / 'aux:'.
+    return name[4:] if name.startswith(("arg:", "aux:")) else name
+
+
+def _split(name: str) -> Tuple[Tuple[str, ...], str]:
+    """(layer path, tensor suffix) of a parameter name, dotted or prefixed."""
+    name = _strip_kind(name)
+    if "." in name:
+        *layer, suffix = name.split(".")
+        return tuple(layer), suffix
+    m = _PREFIXED_SUFFIX.match(name)
+    if m:
+        return (m.group("layer"),), m.group("suffix")
+    return (name,), ""
+
+
+def network_order(names: Sequence[str]) -> List[str]:
+    """`names` (file order) rearranged into the order of the network that wrote them.
+
+    Dotted structural names (``0.0.weight``, ``10.bias``) are sorted as a tree: siblings that are
+    all integers sort numerically (so ``10`` follows ``9``, which a string sort gets wrong), named
+    siblings keep the order in which they first appear. Prefixed names (``sequential0_conv0_weight``)
+    cannot be sorted (``dense0`` would precede ``sequential0``): they keep the file order, which
+    `mx.nd.save` preserves and Gluon writes in registration order. In both cases a layer's tensors
+    are grouped and put in Gluon's order (weight, bias, gamma, beta, running mean, running var), which
+    also re-attaches `aux:` BN statistics that exports store after all other tensors.
+    """
+    first_seen: Dict[Tuple[str, ...], int] = {}
+    for i, name in enumerate(names):
+        layer, _ = _split(name)
+        for depth in range(1, len(layer) + 1):
+            first_seen.setdefault(layer[:depth], i)
+
+    # Per tree level: numeric order if every sibling is an integer, else first appearance.
+    siblings: Dict[Tuple[str, ...], List[str]] = {}
+    for path in first_seen:
+        siblings.setdefault(path[:-1], []).append(path[-1])
+    numeric = {parent: all(k.isdigit() for k in keys) for parent, keys in siblings.items()}
+
+    def key(name: str):
+        layer, suffix = _split(name)
+        parts = []
+        for depth in range(1, len(layer) + 1):
+            parent, part = layer[:depth - 1], layer[depth - 1]
+            parts.append(int(part) if numeric[parent] else first_seen[layer[:depth]])
+        return (tuple(parts), _SUFFIX_RANK.get(suffix, len(_SUFFIX_RANK)), names.index(name))
+
+    return sorted(names, key=key)
+
+
+# --- describing mismatches ----------------------------------------------------------------------
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(int(d)) for d in shape) + ")" if len(shape) != 1 else f"({int(shape[0])},)"
+
+
+def _fmt_width(width: float) -> str:
+    """1.0, 0.25, 0.0625: how a user would type it."""
+    text = f"{width:.6g}"
+    return text if any(c in text for c in ".e") else text + ".0"
+
+
+def _net_label(net: VGG) -> str:
+    return f"{net.arch} width {_fmt_width(net.width)}" + (" with batch norm" if net.batch_norm else "")
+
+
+def _expected_count(num_convs: int, batch_norm: bool) -> int:
+    # Our layout: conv weight+bias, or conv weight + BN (gamma, beta, mean, var); 3 dense w+b.
+    return num_convs * (5 if batch_norm else 2) + 6
+
+
+def _count_hint(net: VGG, count: int, file_has_bn: bool) -> str:
+    if net.batch_norm and not file_has_bn:
+        return ("the network uses batch norm but the file has no batch-norm tensors: build the network "
+                "without batch norm to load it")
+    if file_has_bn and not net.batch_norm:
+        return "the file has batch-norm tensors: build the network with batch norm to load it"
+    for arch, spec in VGG_SPECS.items():
+        if arch != net.arch and _expected_count(sum(n for n, _ in spec), net.batch_norm) == count:
+            return f"the file looks like {arch}: use --arch {arch}"
+    return "the file is not a VGG of this family"
+
+
+def _shape_hint(net: VGG, our_name: str, file_shape: Tuple[int, ...], net_shape: Tuple[int, ...],
+                input_shape: Tuple[int, int, int]) -> str:
+    """Best guess at which setting differs, for the first mismatching tensor."""
+    parts = our_name.split(".")
+    m = re.fullmatch(r"block(\d+)", parts[1]) if parts[0] == "features" else None
+    if m:
+        block = int(m.group(1))
+        first_conv = our_name == "features.block1.conv1.weight"
+        if first_conv and len(file_shape) == 4 and file_shape[0] == net_shape[0] and file_shape[1] != net_shape[1]:
+            return (f"the file was trained on {file_shape[1]}-channel images but the data has "
+                    f"{net_shape[1]} channel(s)")
+        if net.arch in VGG_SPECS and file_shape and file_shape[0] != net_shape[0]:
+            base = VGG_SPECS[net.arch][block - 1][1]
+            width = _fmt_width(file_shape[0] / base)
+            return f"the file looks like width {width}: use --width {width}"
+        return "the file was written by a different architecture or width"
+    layer = parts[1] if len(parts) > 1 else ""
+    if layer == "fc3" and file_shape and file_shape[0] != net_shape[0]:
+        return f"the file has {file_shape[0]} classes, the network {net_shape[0]}"
+    if layer in ("fc1", "fc2") and file_shape and file_shape[0] != net_shape[0]:
+        return f"the file has {file_shape[0]} units per hidden dense layer: use --fc-units {file_shape[0]}"
+    if layer == "fc1" and len(file_shape) == 2 and file_shape[1] != net_shape[1]:
+        channels = net.spec[-1][1]
+        _, h, w = input_shape
+        area, rem = divmod(int(file_shape[1]), channels)
+        side = math.isqrt(area) if area > 0 else 0
+        if rem == 0 and side * side == area:
+            return (f"the file's first dense layer takes {channels}x{side}x{side} features, this input "
+                    f"gives {channels}x{h // 32}x{w // 32}: it was trained on images of about {32 * side} px")
+        return "the file was trained on another input size"
+    return "the file was written by a different network"
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def _prepare(net: VGG, ctx_list: List[mx.Context], input_shape: Tuple[int, int, int], path: Path) -> None:
+    """Make every parameter of `net` exist with a known shape on `ctx_list`."""
+    params = net.collect_params()
+    try:
+        for p in params.values():
+            p.list_ctx()
+    except RuntimeError:
+        # Never initialized: give it an init so the shapes can be inferred; every tensor is
+        # overwritten below (a partial load is refused), so the random values never survive.
+        initialize(net, ctx_list)
+    current = set(next(iter(params.values())).list_ctx())
+    if current != set(ctx_list):
+        params.reset_ctx(ctx_list)
+    if any(not p.shape or 0 in p.shape for p in params.values()):
+        try:
+            materialize(net, ctx_list[0], input_shape)
+        except (ValueError, mx.base.MXNetError) as exc:
+            raise ParamsError(f"{path}: cannot infer the network's shapes for input {tuple(input_shape)} "
+                              f"({_mx_reason(exc)})") from None
+
+
+def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
+                    input_shape: Tuple[int, int, int]) -> LoadReport:
+    """Load `path` into `net` on every context of `ctx_list`, from our layout or a tutorial's.
+
+    `input_shape` (C, H, W) is the image shape the network will see; it fixes the shapes that
+    deferred initialization leaves open (input channels, first dense layer's input size).
+    """
+    path = Path(path)
+    ctx_list = list(ctx_list)
+    loaded = read_params_file(path)
+    ours = net._collect_params_with_prefix()  # noqa: SLF001 - the names save_parameters writes
+    file_names = list(loaded)
+    _prepare(net, ctx_list, input_shape, path)
+
+    if set(file_names) == set(ours):
+        for name, param in ours.items():
+            if tuple(loaded[name].shape) != tuple(param.shape):
+                hint = _shape_hint(net, name, loaded[name].shape, param.shape, input_shape)
+                raise ParamsError(f"{path}: parameter '{name}' has shape {_shape(loaded[name].shape)} in the "
+                                  f"file but {_net_label(net)} expects {_shape(param.shape)}; {hint}")
+        try:
+            net.load_parameters(str(path), ctx=ctx_list, cast_dtype=True, dtype_source="current")
+        except (AssertionError, RuntimeError, ValueError, mx.base.MXNetError) as exc:
+            raise ParamsError(f"{path}: cannot load ({_mx_reason(exc)})") from None
+        msg = f"loaded {len(ours)} tensors from {path} (vgg-gluon layout)"
+        log.info(msg)
+        return LoadReport(str(path), LAYOUT_NATIVE, len(ours), msg)
+
+    file_has_bn = any(_split(n)[1] in _BN_SUFFIXES for n in file_names)
+    if all(n.startswith(("features.block", "classifier.fc")) for n in file_names):
+        # Our own layout, but another arch / BN setting: order mapping would only mislead.
+        missing = [n for n in ours if n not in loaded]
+        extra = [n for n in file_names if n not in ours]
+        first = f"'{missing[0]}' is missing" if missing else f"'{extra[0]}' is unexpected"
+        raise ParamsError(f"{path}: vgg-gluon file for another network ({len(file_names)} tensors, "
+                          f"{_net_label(net)} has {len(ours)}; {first}); "
+                          f"{_count_hint(net, len(file_names), file_has_bn)}")
+
+    ordered = network_order(file_names)
+    targets = list(ours.items())
+    if len(ordered) != len(targets):
+        raise ParamsError(f"{path}: holds {len(ordered)} tensors but {_net_label(net)} has {len(targets)}; "
+                          f"{_count_hint(net, len(ordered), file_has_bn)}")
+    for i, (fname, (oname, param)) in enumerate(zip(ordered, targets), start=1):
+        fshape, nshape = tuple(loaded[fname].shape), tuple(param.shape)
+        if fshape != nshape:
+            hint = _shape_hint(net, oname, fshape, nshape, input_shape)
+            raise ParamsError(f"{path}: tensor {i} '{fname}' has shape {_shape(fshape)} but {_net_label(net)} "
+                              f"expects {_shape(nshape)} at {oname}; {hint}")
+    # Everything matched: only now touch the network, so a refused file leaves it as it was.
+    for fname, (_, param) in zip(ordered, targets):
+        param.set_data(loaded[fname].astype(param.dtype, copy=False))  # copies to every context
+    style = "structural names" if "." in file_names[0] else "prefixed names"
+    msg = (f"mapped {len(targets)} tensors from a tutorial-style layout ({style} such as '{ordered[0]}') "
+           f"in {path} onto {_net_label(net)}")
+    log.info(msg)
+    return LoadReport(str(path), LAYOUT_MAPPED, len(targets), msg)
