@@ -501,7 +501,7 @@ def _load_image_folder(root: Path) -> Tuple[Split, Split, List[str], str]:
                     log.info("using decoded cache %s", cache)
                     return (Split(z["train_images"], z["train_labels"]),
                             Split(z["test_images"], z["test_labels"]), [str(c) for c in z["classes"]],
-                            str(cache))
+                            str(root))
                 log.info("%s is stale (the image folder changed); decoding again", cache)
         except (OSError, KeyError, ValueError, zlib.error, EOFError) as exc:
             log.warning("ignoring unreadable cache %s (%s)", cache, exc)
