@@ -214,7 +214,16 @@ def initialize(net: VGG, ctx_list: Sequence[mx.Context], *, seed: Optional[int] 
         mx.random.seed(int(seed))
     # The global initializer only covers what the per-layer ones do not: BN gamma/beta/stats and
     # biases (Initializer dispatches on the name suffix: zeros for bias/beta, ones for gamma/var).
-    net.initialize(mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2), ctx=ctx_list)
+    default = mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)
+    params = list(net.collect_params().values())
+    # Parameters that are already set (e.g. loaded from a checkpoint) are skipped quietly rather
+    # than through Gluon's one-warning-per-parameter path.
+    pending = [p for p in params if p._data is None and not p._deferred_init]  # noqa: SLF001
+    if len(pending) < len(params):
+        log.debug("initialize: %d of %d parameters already initialized, left as they are",
+                  len(params) - len(pending), len(params))
+    for p in pending:
+        p.initialize(None, ctx=ctx_list, default_init=default)
     if input_shape is not None:
         materialize(net, ctx_list[0], input_shape)
 

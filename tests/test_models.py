@@ -1,0 +1,211 @@
+"""Tests for vgg_gluon.models: every spec, with and without BN, eager and hybridized, and the summary."""
+import numpy as np
+import pytest
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+from vgg_gluon import models as M
+
+CTX = mx.cpu()
+TINY = 0.0625  # 64 -> 4 channels: every spec runs in milliseconds at 32 px
+
+
+def _input(shape, seed=0):
+    rng = np.random.RandomState(seed)
+    return mx.nd.array(rng.uniform(-1, 1, size=shape).astype("float32"), ctx=CTX)
+
+
+def _layer_shapes(net: M.VGG, x):
+    """(name, output shape) of every layer, by running them one at a time (eager)."""
+    out = []
+    for part_name, part in (("features", net.features), ("classifier", net.classifier)):
+        for child_name, child in part._children.items():
+            if part_name == "features":
+                for layer_name, layer in child._children.items():
+                    x = layer(x)
+                    out.append((f"features.{child_name}.{layer_name}", x.shape))
+            else:
+                x = child(x)
+                out.append((f"classifier.{child_name}", x.shape))
+    return out
+
+
+def _trainable(net):
+    return sum(int(np.prod(p.shape)) for p in net.collect_params().values() if p.grad_req != "null")
+
+
+@pytest.mark.parametrize("arch", sorted(M.VGG_SPECS))
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_spec_eager_hybrid_summary(arch, batch_norm, channels):
+    mx.random.seed(42)
+    net = M.build_vgg(arch, 10, width=TINY, batch_norm=batch_norm, fc_units=32)
+    M.initialize(net, [CTX], seed=42)
+    x = _input((2, channels, 32, 32))
+
+    eager = net(x)
+    mx.nd.waitall()
+    assert eager.shape == (2, 10)
+    assert np.isfinite(eager.asnumpy()).all()
+
+    rows = M.layer_summary(net, (channels, 32, 32))
+    real = _layer_shapes(net, x[:1])
+    assert [(r.name, r.output_shape) for r in rows] == real
+    assert M.count_params(rows) == _trainable(net)
+    # BN's running mean/var are parameters too, just not trained.
+    n_bn = sum(r.output_shape[1] for r in rows if r.kind == "bn")
+    assert sum(int(np.prod(p.shape)) for p in net.collect_params().values()) == M.count_params(rows) + 2 * n_bn
+    assert M.count_macs(arch, TINY, batch_norm, 32, 10, (channels, 32, 32)) == sum(r.macs for r in rows)
+
+    net.hybridize(static_alloc=True, static_shape=True)
+    hybrid = net(x)
+    mx.nd.waitall()
+    np.testing.assert_allclose(hybrid.asnumpy(), eager.asnumpy(), rtol=1e-4, atol=1e-5)
+
+    # One hybridized training step (BN in training mode, dropout on) runs and gives gradients.
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.01, "momentum": 0.9})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    with autograd.record():
+        loss = loss_fn(net(x), mx.nd.array([1, 2], ctx=CTX))
+    loss.backward()
+    trainer.step(2)
+    mx.nd.waitall()
+    assert np.isfinite(loss.asnumpy()).all()
+
+
+@pytest.mark.parametrize("size", [96, 224])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_larger_inputs_vgg11_quarter_width(size, batch_norm):
+    net = M.build_vgg("vgg11", 10, width=0.25, batch_norm=batch_norm)
+    M.initialize(net, [CTX], seed=0)
+    x = _input((1, 1, size, size))
+    y = net(x)
+    mx.nd.waitall()
+    assert y.shape == (1, 10)
+    rows = M.layer_summary(net, (1, size, size))
+    assert [(r.name, r.output_shape) for r in rows] == _layer_shapes(net, x)
+    assert M.count_params(rows) == _trainable(net)
+
+
+def test_hybridized_non_square_and_odd_sizes():
+    net = M.build_vgg("vgg11", 3, width=TINY, fc_units=16)
+    M.initialize(net, [CTX], seed=0)
+    net.hybridize(static_alloc=True, static_shape=True)
+    for shape in [(2, 3, 32, 48), (1, 3, 45, 33)]:
+        assert net(_input(shape)).shape == (shape[0], 3)
+        rows = M.layer_summary(net, shape[1:])
+        assert rows[-1].output_shape == (1, 3)
+    mx.nd.waitall()
+
+
+def test_tutorial_table_vgg11_224():
+    net = M.build_vgg("vgg11", 10)  # width 1: 4096 fc units; analytic, nothing is run
+    rows = M.block_summary(net, (1, 224, 224))
+    assert [(r.kind, r.output_shape) for r in rows] == [
+        ("block", (1, 64, 112, 112)),
+        ("block", (1, 128, 56, 56)),
+        ("block", (1, 256, 28, 28)),
+        ("block", (1, 512, 14, 14)),
+        ("block", (1, 512, 7, 7)),
+        ("dense", (1, 4096)),
+        ("dropout", (1, 4096)),
+        ("dense", (1, 4096)),
+        ("dropout", (1, 4096)),
+        ("dense", (1, 10)),
+    ]
+    assert rows[0].name == "features.block1" and rows[-1].name == "classifier.fc3"
+    assert sum(r.params for r in rows) == M.count_params(M.layer_summary(net, (1, 224, 224)))
+    assert "features.block5" in M.format_summary(rows)
+
+
+def test_known_imagenet_counts():
+    # Published figures for the ImageNet models (3x224x224, 1000 classes, no BN).
+    assert M.count_params(M.layer_summary(M.build_vgg("vgg11", 1000), (3, 224, 224))) == 132_863_336
+    assert M.count_params(M.layer_summary(M.build_vgg("vgg16", 1000), (3, 224, 224))) == 138_357_544
+    assert M.count_params(M.layer_summary(M.build_vgg("vgg19", 1000), (3, 224, 224))) == 143_667_240
+    macs = M.count_macs("vgg16", 1.0, False, None, 1000, (3, 224, 224))
+    assert abs(macs - 15.47e9) / 15.47e9 < 0.005
+
+
+@pytest.mark.parametrize("size", [(31, 32), (32, 16), (28, 28)])
+def test_too_small_input_is_value_error(size):
+    h, w = size
+    net = M.build_vgg("vgg11", 10, width=TINY, fc_units=8)
+    M.initialize(net, [CTX], seed=0)
+    with pytest.raises(ValueError, match="at least 32x32"):
+        net(mx.nd.zeros((1, 1, h, w)))
+    with pytest.raises(ValueError, match="at least 32x32"):
+        M.layer_summary(net, (1, h, w))
+    net.hybridize(static_alloc=True, static_shape=True)
+    net(mx.nd.zeros((1, 1, 32, 32)))
+    with pytest.raises(ValueError) as err:
+        net(mx.nd.zeros((1, 1, h, w)))
+    assert "\n" not in str(err.value)
+    mx.nd.waitall()
+
+
+def test_wrong_channel_count_after_init_is_value_error():
+    net = M.build_vgg("vgg11", 10, width=TINY, fc_units=8)
+    M.initialize(net, [CTX], seed=0, input_shape=(1, 32, 32))
+    assert net.in_channels == 1
+    with pytest.raises(ValueError, match="1-channel"):
+        net(mx.nd.zeros((1, 3, 32, 32)))
+
+
+def test_scaled_spec_and_fc_units():
+    assert M.scaled_spec("vgg11", 1.0) == M.VGG_SPECS["vgg11"]
+    assert M.scaled_spec("vgg11", 0.25) == ((1, 16), (1, 32), (2, 64), (2, 128), (2, 128))
+    assert M.scaled_spec("vgg16", 0.001) == ((2, 1), (2, 1), (3, 1), (3, 1), (3, 1))
+    assert M.default_fc_units(1.0) == 4096 and M.default_fc_units(0.25) == 1024
+    assert M.default_fc_units(1e-6) == 1
+    assert M.min_image_size() == 32
+    with pytest.raises(ValueError, match="vgg11, vgg13, vgg16, vgg19"):
+        M.scaled_spec("vgg12", 1.0)
+    with pytest.raises(ValueError):
+        M.scaled_spec("vgg11", 0.0)
+    net = M.build_vgg("vgg13", 5, width=0.5)
+    assert net.fc_units == 2048 and net.spec == M.scaled_spec("vgg13", 0.5)
+
+
+def test_structure_and_names():
+    for bn in (False, True):
+        net = M.build_vgg("vgg11", 10, width=TINY, batch_norm=bn)
+        assert len(net.features) == 5 and len(net.classifier) == 5
+        block1 = list(net.features[0]._children)
+        assert block1 == (["conv1", "bn1", "relu1", "pool"] if bn else ["conv1", "relu1", "pool"])
+        names = list(net._collect_params_with_prefix())
+        assert names[0] == "features.block1.conv1.weight"
+        assert names[-1] == "classifier.fc3.bias"
+        # With BN the conv bias is redundant (BN's beta is the shift), so there is none.
+        assert ("features.block1.conv1.bias" in names) is (not bn)
+        assert ("features.block1.bn1.running_var" in names) is bn
+
+
+def test_seeded_initialize_is_reproducible_and_keeps_loaded_weights():
+    def weights(seed):
+        net = M.build_vgg("vgg11", 10, width=TINY, batch_norm=True, fc_units=16)
+        M.initialize(net, [CTX], seed=seed, input_shape=(3, 32, 32))
+        return net, {k: v.data().asnumpy() for k, v in net._collect_params_with_prefix().items()}
+
+    net, a = weights(7)
+    _, b = weights(7)
+    _, c = weights(8)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["features.block1.conv1.weight"], c["features.block1.conv1.weight"])
+    # gamma 1, beta 0, conv weights He-scaled (std ~ sqrt(2 / fan_out))
+    assert np.all(a["features.block1.bn1.gamma"] == 1) and np.all(a["features.block1.bn1.beta"] == 0)
+    w = a["features.block5.conv2.weight"]
+    assert abs(w.std() - np.sqrt(2.0 / (w.shape[0] * 9))) < 0.25 * np.sqrt(2.0 / (w.shape[0] * 9))
+    # A second initialize must not wipe weights (e.g. after loading a checkpoint).
+    M.initialize(net, [CTX], seed=99)
+    assert np.array_equal(net.features[0][0].weight.data().asnumpy(), a["features.block1.conv1.weight"])
+
+
+def test_initialize_on_two_contexts():
+    ctxs = [mx.cpu(0), mx.cpu(1)]
+    net = M.build_vgg("vgg11", 4, width=TINY, fc_units=8)
+    M.initialize(net, ctxs, seed=1, input_shape=(1, 32, 32))
+    w = net.features[0][0].weight
+    assert set(w.list_ctx()) == set(ctxs)
+    np.testing.assert_array_equal(w.data(ctxs[0]).asnumpy(), w.data(ctxs[1]).asnumpy())
