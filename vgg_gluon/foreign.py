@@ -248,9 +248,25 @@ def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
     loaded = read_params_file(path)
     ours = net._collect_params_with_prefix()  # noqa: SLF001 - the names save_parameters writes
     file_names = list(loaded)
+    native = set(file_names) == set(ours)
+    file_has_bn = any(_split(n)[1] in _BN_SUFFIXES for n in file_names)
+
+    # Cheap checks on names and counts first: no init or forward pass for a file we will refuse.
+    if not native and all(n.startswith(("features.block", "classifier.fc")) for n in file_names):
+        # Our own layout, but another arch / BN setting: order mapping would only mislead.
+        missing = [n for n in ours if n not in loaded]
+        extra = [n for n in file_names if n not in ours]
+        first = f"'{missing[0]}' is missing" if missing else f"'{extra[0]}' is unexpected"
+        raise ParamsError(f"{path}: vgg-gluon file for another network ({len(file_names)} tensors, "
+                          f"{_net_label(net)} has {len(ours)}; {first}); "
+                          f"{_count_hint(net, len(file_names), file_has_bn)}")
+    if not native and len(file_names) != len(ours):
+        raise ParamsError(f"{path}: holds {len(file_names)} tensors but {_net_label(net)} has {len(ours)}; "
+                          f"{_count_hint(net, len(file_names), file_has_bn)}")
+
     _prepare(net, ctx_list, input_shape, path)
 
-    if set(file_names) == set(ours):
+    if native:
         for name, param in ours.items():
             if tuple(loaded[name].shape) != tuple(param.shape):
                 hint = _shape_hint(net, name, loaded[name].shape, param.shape, input_shape)
@@ -264,21 +280,8 @@ def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
         log.info(msg)
         return LoadReport(str(path), LAYOUT_NATIVE, len(ours), msg)
 
-    file_has_bn = any(_split(n)[1] in _BN_SUFFIXES for n in file_names)
-    if all(n.startswith(("features.block", "classifier.fc")) for n in file_names):
-        # Our own layout, but another arch / BN setting: order mapping would only mislead.
-        missing = [n for n in ours if n not in loaded]
-        extra = [n for n in file_names if n not in ours]
-        first = f"'{missing[0]}' is missing" if missing else f"'{extra[0]}' is unexpected"
-        raise ParamsError(f"{path}: vgg-gluon file for another network ({len(file_names)} tensors, "
-                          f"{_net_label(net)} has {len(ours)}; {first}); "
-                          f"{_count_hint(net, len(file_names), file_has_bn)}")
-
     ordered = network_order(file_names)
     targets = list(ours.items())
-    if len(ordered) != len(targets):
-        raise ParamsError(f"{path}: holds {len(ordered)} tensors but {_net_label(net)} has {len(targets)}; "
-                          f"{_count_hint(net, len(ordered), file_has_bn)}")
     for i, (fname, (oname, param)) in enumerate(zip(ordered, targets), start=1):
         fshape, nshape = tuple(loaded[fname].shape), tuple(param.shape)
         if fshape != nshape:
