@@ -209,3 +209,12 @@ def test_initialize_on_two_contexts():
     w = net.features[0][0].weight
     assert set(w.list_ctx()) == set(ctxs)
     np.testing.assert_array_equal(w.data(ctxs[0]).asnumpy(), w.data(ctxs[1]).asnumpy())
+
+
+def test_vgg_block_halves_and_names_children():
+    block = M.vgg_block(2, 8, batch_norm=True)
+    assert list(block._children) == ["conv1", "bn1", "relu1", "conv2", "bn2", "relu2", "pool"]
+    block.initialize()
+    block.hybridize()
+    assert block(mx.nd.zeros((1, 3, 10, 12))).shape == (1, 8, 5, 6)
+    mx.nd.waitall()

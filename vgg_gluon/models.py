@@ -70,9 +70,8 @@ def check_image_size(height: int, width: int) -> None:
 # One place decides the child names, used both to build the network and to describe it
 # analytically (layer_summary), so the two cannot drift apart.
 
-def _block_layer_names(block_index: int, num_convs: int, batch_norm: bool) -> List[Tuple[str, str]]:
-    """(child name, kind) of the layers inside VGG block `block_index` (1-based)."""
-    del block_index  # same layout for every block; kept for readability at the call sites
+def _block_layer_names(num_convs: int, batch_norm: bool) -> List[Tuple[str, str]]:
+    """(child name, kind) of the layers inside one VGG block (the same layout for every block)."""
     layers: List[Tuple[str, str]] = []
     for j in range(1, num_convs + 1):
         layers.append((f"conv{j}", "conv"))
@@ -86,6 +85,46 @@ def _block_layer_names(block_index: int, num_convs: int, batch_norm: bool) -> Li
 _CLASSIFIER_LAYERS: Tuple[Tuple[str, str], ...] = (
     ("fc1", "dense"), ("drop1", "dropout"), ("fc2", "dense"), ("drop2", "dropout"), ("fc3", "dense"),
 )
+
+
+# He-style init suits ReLU nets; set per layer so a plain `net.initialize()` gets it too.
+# Convs: gluoncv's VGG choice (gaussian, fan-out, magnitude 2 = Kaiming normal, fan_out).
+# Dense: Kaiming on fan-in keeps the activation variance of the wide FC layers stable.
+def _conv_init() -> mx.init.Initializer:
+    return mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
+
+
+def _dense_init() -> mx.init.Initializer:
+    return mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)
+
+
+def _make_layer(kind: str, channels: int, batch_norm: bool) -> gluon.HybridBlock:
+    if kind == "conv":
+        # With BN right after, a conv bias is redundant: BN subtracts the batch mean (removing
+        # any constant) and adds its own learned shift `beta`. Dropping it saves parameters and
+        # one broadcast add per conv.
+        return nn.Conv2D(channels, kernel_size=3, padding=1, use_bias=not batch_norm,
+                         weight_initializer=_conv_init())
+    if kind == "bn":
+        return nn.BatchNorm()
+    if kind == "relu":
+        return nn.Activation("relu")
+    if kind == "pool":
+        return nn.MaxPool2D(pool_size=2, strides=2)
+    raise AssertionError(kind)
+
+
+def vgg_block(num_convs: int, channels: int, *, batch_norm: bool = False,
+              prefix: Optional[str] = None) -> nn.HybridSequential:
+    """[3x3 conv (pad 1) (+ BN) + ReLU] x num_convs, then a 2x2/2 max-pool: halves H and W.
+
+    Children are named conv1, bn1, relu1, ..., pool (they become part of the parameter names).
+    """
+    block = nn.HybridSequential(prefix=prefix)
+    with block.name_scope():
+        for name, kind in _block_layer_names(num_convs, batch_norm):
+            block.register_child(_make_layer(kind, channels, batch_norm), name)
+    return block
 
 
 class VGG(gluon.HybridBlock):
@@ -116,20 +155,11 @@ class VGG(gluon.HybridBlock):
         self.arch = arch
         self.width = float(width)
 
-        # He-style init suits ReLU nets; set per layer so a plain `net.initialize()` gets it too.
-        # Convs: gluoncv's VGG choice (gaussian, fan-out, magnitude 2 = Kaiming normal, fan_out).
-        # Dense: Kaiming on fan-in keeps the activation variance of the wide FC layers stable.
-        conv_init = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
-        dense_init = mx.init.Xavier(rnd_type="gaussian", factor_type="in", magnitude=2)
-
         with self.name_scope():
             self.features = nn.HybridSequential(prefix="features_")
             with self.features.name_scope():
                 for b, (num_convs, channels) in enumerate(self.spec, start=1):
-                    block = nn.HybridSequential(prefix=f"block{b}_")
-                    with block.name_scope():
-                        for name, kind in _block_layer_names(b, num_convs, self.batch_norm):
-                            block.register_child(self._make_layer(kind, channels, conv_init), name)
+                    block = vgg_block(num_convs, channels, batch_norm=self.batch_norm, prefix=f"block{b}_")
                     self.features.register_child(block, f"block{b}")
 
             self.classifier = nn.HybridSequential(prefix="classifier_")
@@ -138,26 +168,11 @@ class VGG(gluon.HybridBlock):
                     if kind == "dropout":
                         layer = nn.Dropout(self.dropout)
                     elif name == "fc3":
-                        layer = nn.Dense(self.num_classes, weight_initializer=dense_init)
+                        layer = nn.Dense(self.num_classes, weight_initializer=_dense_init())
                     else:
                         # Dense flattens (N, C, H, W) itself and infers C*H*W: no resolution baked in.
-                        layer = nn.Dense(self.fc_units, activation="relu", weight_initializer=dense_init)
+                        layer = nn.Dense(self.fc_units, activation="relu", weight_initializer=_dense_init())
                     self.classifier.register_child(layer, name)
-
-    def _make_layer(self, kind: str, channels: int, conv_init: mx.init.Initializer) -> gluon.HybridBlock:
-        if kind == "conv":
-            # With BN right after, a conv bias is redundant: BN subtracts the batch mean (removing
-            # any constant) and adds its own learned shift `beta`. Dropping it saves parameters and
-            # one broadcast add per conv.
-            return nn.Conv2D(channels, kernel_size=3, padding=1, use_bias=not self.batch_norm,
-                             weight_initializer=conv_init)
-        if kind == "bn":
-            return nn.BatchNorm()
-        if kind == "relu":
-            return nn.Activation("relu")
-        if kind == "pool":
-            return nn.MaxPool2D(pool_size=2, strides=2)
-        raise AssertionError(kind)
 
     def forward(self, x, *args):  # noqa: D102 - validates eager inputs, then Gluon's forward
         # Check here rather than in hybrid_forward: a hybridized net only sees symbols there, and
@@ -200,7 +215,7 @@ def build_vgg(arch: str, num_classes: int, *, width: float = 1.0, batch_norm: bo
 
 def initialize(net: VGG, ctx_list: Sequence[mx.Context], *, seed: Optional[int] = None,
                input_shape: Optional[Tuple[int, int, int]] = None) -> None:
-    """Initialize all parameters on every context in `ctx_list` (He-style init, see `VGG`).
+    """Initialize all parameters on every context in `ctx_list` (He-style init, see `_conv_init`).
 
     Shapes may stay deferred until the first forward pass; the random draws happen then, so for a
     reproducible init either run nothing random in between or pass `input_shape` (C, H, W): a zero
@@ -267,7 +282,7 @@ def _spec_rows(spec: Spec, batch_norm: bool, fc_units: int, num_classes: int,
     check_image_size(h, w)
     rows: List[LayerRow] = []
     for b, (num_convs, channels) in enumerate(spec, start=1):
-        for name, kind in _block_layer_names(b, num_convs, batch_norm):
+        for name, kind in _block_layer_names(num_convs, batch_norm):
             full = f"features.block{b}.{name}"
             if kind == "conv":
                 params = channels * c * 9 + (0 if batch_norm else channels)
