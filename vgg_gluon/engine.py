@@ -89,6 +89,10 @@ def current_lr(trainer) -> float:
     return float(opt.lr_scheduler(opt.num_update) if opt.lr_scheduler else opt.lr)
 
 
+def step_seed(seed: int, epoch: int, step: int) -> int:
+    return (seed * 1_000_003 + epoch * 100_003 + step) % (2 ** 31)
+
+
 def _sum_scalars(arrays) -> float:
     return float(sum(a.asscalar() for a in arrays))
 
@@ -98,7 +102,8 @@ def _sum_scalars(arrays) -> float:
 def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: int,
                     label_smoothing: float = 0.0, partial: Optional[Partial] = None,
                     log_interval: int = 20, on_progress: Optional[Callable[[Progress], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None) -> Dict[str, float]:
+                    should_stop: Optional[Callable[[], bool]] = None, seed: Optional[int] = None
+                    ) -> Dict[str, float]:
     """Train for one epoch (from `partial.step` on) and return its metrics.
 
     Loss and accuracy are summed on the devices and read every `log_interval` steps; the only
@@ -117,6 +122,8 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
         return read_loss + _sum_scalars(loss_acc), read_corr + _sum_scalars(corr_acc)
 
     for data, labels in loader.epoch(epoch, start_batch=partial.step):
+        if seed is not None:
+            mx.random.seed(step_seed(seed, epoch, step))
         with autograd.record():
             outs = [net(x) for x in data]
             if label_smoothing > 0:
@@ -325,12 +332,11 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
     cfg = s.cfg
     run_dir = Path(run_dir)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        mx.random.seed(cfg.seed * 100003 + epoch)
         try:
             m = train_one_epoch(s.net, s.trainer, s.train_loader, s.loss_fn, epoch=epoch,
                                 num_classes=s.num_classes, label_smoothing=cfg.label_smoothing,
                                 partial=partial, log_interval=cfg.log_interval,
-                                on_progress=on_progress, should_stop=should_stop)
+                                on_progress=on_progress, should_stop=should_stop, seed=cfg.seed)
         except StopRequested as stop:
             c = None
             if is_writer and _params_finite(s.net):

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny data sets written in the real file formats, so no test needs the network."""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Same thread settings the package applies, before anything imports mxnet.
+import vgg_gluon  # noqa: F401
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    n, h, w = images.shape
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 2051, n, h, w))
+        f.write(images.astype(np.uint8).tobytes())
+
+
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">II", 2049, len(labels)))
+        f.write(labels.astype(np.uint8).tobytes())
+
+
+def make_patterns(n: int, seed: int, size: int = 28, channels: int = 0):
+    """Learnable images: each class is a bright bar at its own position, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    shape = (n, size, size) if not channels else (n, size, size, channels)
+    images = rng.integers(0, 60, shape).astype(np.uint8)
+    for i, c in enumerate(labels):
+        r = 2 + int(c) * (size - 4) // 10
+        images[i, r:r + 2, 2:size - 2] = 230
+    return images, labels
+
+
+def write_fashion(dirpath: Path, n_train: int = 256, n_test: int = 64) -> Path:
+    d = dirpath / "fashion-mnist"
+    d.mkdir(parents=True, exist_ok=True)
+    tr_x, tr_y = make_patterns(n_train, 1)
+    te_x, te_y = make_patterns(n_test, 2)
+    write_idx_images(d / "train-images-idx3-ubyte.gz", tr_x)
+    write_idx_labels(d / "train-labels-idx1-ubyte.gz", tr_y)
+    write_idx_images(d / "t10k-images-idx3-ubyte.gz", te_x)
+    write_idx_labels(d / "t10k-labels-idx1-ubyte.gz", te_y)
+    return dirpath
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory) -> Path:
+    """A data folder holding a 256/64-image Fashion-MNIST in the official idx.gz format."""
+    return write_fashion(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def cli_env(tiny_data_dir, monkeypatch):
+    monkeypatch.setenv("VGG_GLUON_DATA_DIR", str(tiny_data_dir))
+    return tiny_data_dir
+
+
+def run_cli(*args, env_extra=None, timeout=600, check=True):
+    """Run `python -m vgg_gluon ...` in a real subprocess."""
+    import subprocess
+    env = dict(os.environ, **(env_extra or {}))
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "vgg_gluon", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=str(REPO))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
