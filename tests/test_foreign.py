@@ -204,3 +204,23 @@ def test_network_order():
                 "arg:seq0_dense0_weight", "arg:seq0_dense0_bias",
                 "aux:seq0_batchnorm0_running_mean", "aux:seq0_batchnorm0_running_var"]
     assert network_order(prefixed) == [prefixed[i] for i in (0, 1, 2, 5, 6, 3, 4)]
+
+
+def test_infer_architecture(tutorial_files, tmp_path):
+    from vgg_gluon.foreign import infer_architecture
+
+    path, _ = tutorial_files["TinyVGG11"]
+    assert infer_architecture(path) == dict(arch="vgg11", width=1.0, batch_norm=False, fc_units=4096,
+                                            num_classes=10, in_channels=3)
+    for arch, width, bn in [("vgg16", 0.3, True), ("vgg19", 0.0625, False), ("vgg13", 0.25, True)]:
+        net = M.build_vgg(arch, 7, width=width, batch_norm=bn, fc_units=24)
+        M.initialize(net, [CTX], seed=0, input_shape=(1, 32, 32))
+        net.save_parameters(str(tmp_path / "n.params"))
+        got = infer_architecture(tmp_path / "n.params")
+        assert M.scaled_spec(got.pop("arch"), got.pop("width")) == M.scaled_spec(arch, width)
+        assert got == dict(batch_norm=bn, fc_units=24, num_classes=7, in_channels=1)
+    mx.nd.save(str(tmp_path / "other.params"), {"w": mx.nd.ones((2, 2))})
+    assert infer_architecture(tmp_path / "other.params") == {}
+    (tmp_path / "bad.params").write_bytes(b"xx")
+    with pytest.raises(ParamsError):
+        infer_architecture(tmp_path / "bad.params")
