@@ -97,7 +97,7 @@ def test_width_mismatch_names_first_tensor_and_leaves_net_alone(tutorial_files):
 @pytest.mark.parametrize("kwargs, shape, needle", [
     (dict(fc_units=1024), SHAPE, "'6.weight' has shape (4096, 512) but vgg11 width 1.0 expects (1024, 512)"),
     (dict(fc_units=4096), (1, 32, 32), "trained on 3-channel images"),
-    (dict(fc_units=4096), (3, 64, 64), "trained on images of about 32 px"),
+    (dict(fc_units=4096), (3, 64, 64), "trained on images of about 32 px: use --image-size 32"),
 ])
 def test_other_mismatches(tutorial_files, kwargs, shape, needle):
     path, _ = tutorial_files["TinyVGG11"]

@@ -19,11 +19,11 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 
-from vgg_gluon.models import VGG, VGG_SPECS, initialize, materialize
+from vgg_gluon.models import VGG, VGG_SPECS, initialize, materialize, scaled_spec
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ def network_order(names: Sequence[str]) -> List[str]:
     are grouped and put in Gluon's order (weight, bias, gamma, beta, running mean, running var), which
     also re-attaches `aux:` BN statistics that exports store after all other tensors.
     """
+    position = {name: i for i, name in enumerate(names)}
     first_seen: Dict[Tuple[str, ...], int] = {}
     for i, name in enumerate(names):
         layer, _ = _split(name)
@@ -142,7 +143,7 @@ def network_order(names: Sequence[str]) -> List[str]:
         for depth in range(1, len(layer) + 1):
             parent, part = layer[:depth - 1], layer[depth - 1]
             parts.append(int(part) if numeric[parent] else first_seen[layer[:depth]])
-        return (tuple(parts), _SUFFIX_RANK.get(suffix, len(_SUFFIX_RANK)), names.index(name))
+        return (tuple(parts), _SUFFIX_RANK.get(suffix, len(_SUFFIX_RANK)), position[name])
 
     return sorted(names, key=key)
 
@@ -170,10 +171,9 @@ def _expected_count(num_convs: int, batch_norm: bool) -> int:
 
 def _count_hint(net: VGG, count: int, file_has_bn: bool) -> str:
     if net.batch_norm and not file_has_bn:
-        return ("the network uses batch norm but the file has no batch-norm tensors: build the network "
-                "without batch norm to load it")
+        return "the network uses batch norm but the file has no batch-norm tensors: use --no-batch-norm"
     if file_has_bn and not net.batch_norm:
-        return "the file has batch-norm tensors: build the network with batch norm to load it"
+        return "the file has batch-norm tensors but the network has none: use --batch-norm"
     for arch, spec in VGG_SPECS.items():
         if arch != net.arch and _expected_count(sum(n for n, _ in spec), net.batch_norm) == count:
             return f"the file looks like {arch}: use --arch {arch}"
@@ -190,7 +190,7 @@ def _shape_hint(net: VGG, our_name: str, file_shape: Tuple[int, ...], net_shape:
         first_conv = our_name == "features.block1.conv1.weight"
         if first_conv and len(file_shape) == 4 and file_shape[0] == net_shape[0] and file_shape[1] != net_shape[1]:
             return (f"the file was trained on {file_shape[1]}-channel images but the data has "
-                    f"{net_shape[1]} channel(s)")
+                    f"{net_shape[1]} channel(s): use the data set it was trained on")
         if net.arch in VGG_SPECS and file_shape and file_shape[0] != net_shape[0]:
             base = VGG_SPECS[net.arch][block - 1][1]
             width = _fmt_width(file_shape[0] / base)
@@ -208,7 +208,8 @@ def _shape_hint(net: VGG, our_name: str, file_shape: Tuple[int, ...], net_shape:
         side = math.isqrt(area) if area > 0 else 0
         if rem == 0 and side * side == area:
             return (f"the file's first dense layer takes {channels}x{side}x{side} features, this input "
-                    f"gives {channels}x{h // 32}x{w // 32}: it was trained on images of about {32 * side} px")
+                    f"gives {channels}x{h // 32}x{w // 32}: it was trained on images of about {32 * side} px: "
+                    f"use --image-size {32 * side}")
         return "the file was trained on another input size"
     return "the file was written by a different network"
 
@@ -296,3 +297,63 @@ def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
            f"in {path} onto {_net_label(net)}")
     log.info(msg)
     return LoadReport(str(path), LAYOUT_MAPPED, len(targets), msg)
+
+
+# --- guessing the architecture of a file --------------------------------------------------------
+
+def _width_for(arch: str, channels: List[int]) -> Optional[float]:
+    """A width multiplier whose `scaled_spec(arch, width)` reproduces the conv channel counts."""
+    wanted = [c for n, c in _spec_from_channels(arch, channels) or ()]
+    if not wanted:
+        return None
+    base = VGG_SPECS[arch]
+    # int(c * width) truncates, so try the ratio of every block (the widest block is the most exact).
+    for b in reversed(range(len(base))):
+        for width in (wanted[b] / base[b][1], round(wanted[b] / base[b][1], 4)):
+            if [c for _, c in scaled_spec(arch, width)] == wanted:
+                return width
+    return None
+
+
+def _spec_from_channels(arch: str, channels: List[int]) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """Group a file's conv output channels into `arch`'s blocks, if they fit its pattern."""
+    spec, i = [], 0
+    for num_convs, _ in VGG_SPECS[arch]:
+        block = channels[i:i + num_convs]
+        if len(block) != num_convs or len(set(block)) != 1:
+            return None
+        spec.append((num_convs, block[0]))
+        i += num_convs
+    return tuple(spec) if i == len(channels) else None
+
+
+def infer_architecture(path: Path) -> Dict[str, Any]:
+    """Guess arch, width, batch_norm, fc_units, num_classes and in_channels from a file's shapes.
+
+    Works for our layout and the tutorial layouts alike (tensors are read in network order). Only
+    what could be determined is returned (an empty dict for a file that is not a VGG); unreadable
+    files raise ParamsError. A guess is not a check: `load_params_any` still verifies every shape.
+    """
+    loaded = read_params_file(Path(path))
+    ordered = network_order(list(loaded))
+    shapes = [tuple(loaded[n].shape) for n in ordered]
+    suffixes = [_split(n)[1] for n in ordered]
+    convs = [s for s, suf in zip(shapes, suffixes) if len(s) == 4 and suf == "weight"]
+    denses = [s for s, suf in zip(shapes, suffixes) if len(s) == 2 and suf == "weight"]
+    out: Dict[str, Any] = {}
+    if not convs or len(denses) != 3:
+        return out
+    out["batch_norm"] = any(suf in _BN_SUFFIXES for suf in suffixes)
+    out["in_channels"] = int(convs[0][1])
+    out["fc_units"] = int(denses[0][0])
+    out["num_classes"] = int(denses[-1][0])
+    channels = [int(s[0]) for s in convs]
+    for arch in VGG_SPECS:
+        if _spec_from_channels(arch, channels) is not None:
+            out["arch"] = arch
+            width = _width_for(arch, channels)
+            if width is not None:
+                out["width"] = width
+            break
+    log.debug("inferred from %s: %s", path, out)
+    return out
