@@ -1,0 +1,144 @@
+"""The command line as a user meets it: help, one-line errors, evaluate output."""
+import json
+import os
+import stat
+
+import pytest
+from click.testing import CliRunner
+
+from vgg_gluon import cli
+
+TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
+        "--test-limit", "64", "--quiet"]
+
+
+def _invoke(*args, **kw):
+    return CliRunner().invoke(cli.main, [str(a) for a in args], **kw)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_data_dir):
+    out = tmp_path_factory.mktemp("runs")
+    os.environ["VGG_GLUON_DATA_DIR"] = str(tiny_data_dir)
+    try:
+        r = _invoke("train", *TINY, "--epochs", 2, "--output-dir", out, "--name", "run")
+    finally:
+        del os.environ["VGG_GLUON_DATA_DIR"]
+    assert r.exit_code == 0, r.output
+    return out / "run"
+
+
+def test_help_lists_commands_and_examples():
+    r = _invoke("--help")
+    assert r.exit_code == 0
+    for word in ("train", "resume", "evaluate", "data", "Examples"):
+        assert word in r.output
+    for cmd in ("train", "resume", "evaluate", "data"):
+        sub = _invoke(cmd, "--help")
+        assert sub.exit_code == 0 and "Examples" in sub.output
+
+
+def test_version():
+    r = _invoke("--version")
+    assert r.exit_code == 0 and "vgg-gluon" in r.output
+
+
+def test_run_folder_contents(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "history.csv", "train.log", "curves.png", "last.json", "best.json",
+            "epoch-0001", "epoch-0002"} <= names
+    assert (trained_run / "curves.png").stat().st_size > 5000
+
+
+def test_evaluate_text_and_json(trained_run, cli_env):
+    r = _invoke("evaluate", trained_run)
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.output and "per-class accuracy" in r.output and "confusion matrix" in r.output
+    assert "Ankle boot" in r.output
+    r = _invoke("evaluate", trained_run, "--which", "last", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["epoch"] == 2 and out["samples"] == 64 and 0 <= out["accuracy"] <= 1
+    assert len(out["confusion"]) == 10 and sum(map(sum, out["confusion"])) == 64
+    assert set(out["per_class_accuracy"]) == set(out["classes"])
+
+
+def test_evaluate_bare_params(trained_run, cli_env):
+    params = trained_run / "epoch-0002" / "model.params"
+    r = _invoke("evaluate", "--params", params, "--dataset", "fashion-mnist", "--test-limit", 64, "--json")
+    assert r.exit_code == 0, r.output   # width/BN/fc units inferred from the file
+    assert json.loads(r.output)["samples"] == 64
+
+
+def test_resume_from_bare_params_starts_new_run(trained_run, cli_env, tmp_path):
+    params = trained_run / "epoch-0002" / "model.params"
+    r = _invoke("resume", "--params", params, "--dataset", "fashion-mnist", *TINY, "--epochs", 3,
+                "--start-epoch", 2, "--output-dir", tmp_path, "--name", "fromparams")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "fromparams" / "epoch-0003").is_dir()
+    assert not (tmp_path / "fromparams" / "epoch-0001").exists()
+
+
+def _one_line_error(r, *words):
+    assert r.exit_code not in (0, None), r.output
+    assert "Traceback" not in r.output
+    err_lines = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert len(err_lines) == 1, r.output
+    for w in words:
+        assert w in err_lines[0], r.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--dataset", "mnist"], ["mnist"]),
+    (["train", "--arch", "vgg12"], ["vgg12"]),
+    (["train", "--ctx", "tpu"], ["unknown context 'tpu'"]),
+    (["train", "--ctx", "gpu:0"], ["GPU"]),
+    (["train", "--epochs", "0"], ["epochs must be positive"]),
+    (["train", "--batch-size", "-4"], ["batch_size must be positive"]),
+    (["train", "--lr", "-1"], ["lr must be positive"]),
+    (["train", "--image-size", "8"], ["8"]),
+    (["train", "--config", "nonexistent.yaml"], ["nonexistent.yaml"]),
+    (["resume"], ["either a run folder or --params"]),
+    (["resume", "/no/such/run"], ["no such run folder"]),
+    (["evaluate", "/no/such/run"], ["no such run folder"]),
+    (["resume", "--params", "/no/such.params", "--dataset", "cifar10"], ["no such file"]),
+    (["traim"], ["traim"]),
+])
+def test_bad_input_is_one_line(args, words, cli_env):
+    _one_line_error(_invoke(*args), *words)
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("VGG_GLUON_DATA_DIR", str(tmp_path / "empty"))
+    r = _invoke("train", "--dataset", "cifar10", "--epochs", 1)
+    _one_line_error(r)
+    assert "cifar" in r.output.lower()
+
+
+def test_resume_refuses_changing_the_model(trained_run, cli_env):
+    _one_line_error(_invoke("resume", trained_run, "--width", "0.5"), "--width cannot change")
+
+
+def test_existing_run_name_is_not_overwritten(trained_run, cli_env):
+    before = sorted(p.name for p in trained_run.iterdir())
+    r = _invoke("train", *TINY, "--epochs", 1, "--output-dir", trained_run.parent, "--name", "run")
+    _one_line_error(r, "already exists")
+    assert sorted(p.name for p in trained_run.iterdir()) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_dir(tmp_path, cli_env):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    _one_line_error(_invoke("train", *TINY, "--epochs", 1, "--output-dir", ro), "not writable")
+
+
+def test_corrupt_checkpoint_falls_back_with_message(trained_run, cli_env, tmp_path):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    (run / "epoch-0002" / "model.params").write_bytes(b"\0" * 10)
+    r = _invoke("evaluate", run, "--which", "last", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.splitlines()[-1])["epoch"] == 1
