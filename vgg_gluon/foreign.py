@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 
-from vgg_gluon.models import VGG, VGG_SPECS, initialize, materialize, scaled_spec
+from vgg_gluon.models import VGG, VGG_SPECS, format_width, initialize, materialize, scaled_spec
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,8 @@ def _shape(shape) -> str:
     return "(" + ", ".join(str(int(d)) for d in shape) + ")" if len(shape) != 1 else f"({int(shape[0])},)"
 
 
-def _fmt_width(width: float) -> str:
-    """1.0, 0.25, 0.0625: how a user would type it."""
-    text = f"{width:.6g}"
-    return text if any(c in text for c in ".e") else text + ".0"
-
-
 def _net_label(net: VGG) -> str:
-    return f"{net.arch} width {_fmt_width(net.width)}" + (" with batch norm" if net.batch_norm else "")
+    return f"{net.arch} width {format_width(net.width)}" + (" with batch norm" if net.batch_norm else "")
 
 
 def _expected_count(num_convs: int, batch_norm: bool) -> int:
@@ -193,7 +187,7 @@ def _shape_hint(net: VGG, our_name: str, file_shape: Tuple[int, ...], net_shape:
                     f"{net_shape[1]} channel(s): use the data set it was trained on")
         if net.arch in VGG_SPECS and file_shape and file_shape[0] != net_shape[0]:
             base = VGG_SPECS[net.arch][block - 1][1]
-            width = _fmt_width(file_shape[0] / base)
+            width = format_width(file_shape[0] / base)
             return f"the file looks like width {width}: use --width {width}"
         return "the file was written by a different architecture or width"
     layer = parts[1] if len(parts) > 1 else ""

@@ -52,6 +52,12 @@ def default_fc_units(width: float) -> int:
     return max(1, int(round(BASE_FC_UNITS * width)))
 
 
+def format_width(width: float) -> str:
+    """A width multiplier as a user would type it: 1.0, 0.25, 0.0625."""
+    text = f"{width:.6g}"
+    return text if any(ch in text for ch in ".e") else text + ".0"
+
+
 def min_image_size() -> int:
     """Smallest height/width the network accepts (32: five 2x2 pools)."""
     return _MIN_IMAGE_SIZE
@@ -199,7 +205,7 @@ class VGG(gluon.HybridBlock):
     def describe(self) -> str:
         """Short human description, e.g. 'vgg11 width 0.25 +BN fc 1024'."""
         bn = " +BN" if self.batch_norm else ""
-        return f"{self.arch} width {self.width:g}{bn} fc {self.fc_units}"
+        return f"{self.arch} width {format_width(self.width)}{bn} fc {self.fc_units}"
 
 
 def build_vgg(arch: str, num_classes: int, *, width: float = 1.0, batch_norm: bool = False,
