@@ -595,6 +595,23 @@ def test_transform_resize_28_to_224():
     mx.nd.waitall()
 
 
+@pytest.mark.parametrize("crop_pad", [0, 3])
+def test_transform_resize_matches_literal_order(crop_pad):
+    """The resize path (flip/normalize moved before the resize) equals the documented order:
+    resize -> crop -> flip -> normalize."""
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
+    flips = np.array([True, False, True, True])
+    offsets = rng.integers(0, 2 * crop_pad + 1, (4, 2)) if crop_pad else None
+    out = D.transform_batch(mx.nd.array(x, dtype=np.uint8), mean=mean, std=std, pad_to=None, image_size=48,
+                            crop_pad=crop_pad, crop_offsets=offsets, flips=flips)
+    resized = mx.nd.contrib.BilinearResize2D(mx.nd.array(x.transpose(0, 3, 1, 2).astype(np.float32)),
+                                             height=48, width=48).asnumpy()
+    ref = _np_reference(resized.transpose(0, 2, 3, 1), mean, std, None, crop_pad, offsets, flips)
+    np.testing.assert_allclose(out.asnumpy(), ref, rtol=1e-4, atol=1e-4)
+
+
 def test_transform_rejects_bad_offsets():
     with pytest.raises(ValueError):
         D.transform_batch(mx.nd.zeros((1, 4, 4, 1), dtype=np.uint8), mean=(0,), std=(1,), pad_to=None,
