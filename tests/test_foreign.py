@@ -224,3 +224,33 @@ def test_infer_architecture(tutorial_files, tmp_path):
     (tmp_path / "bad.params").write_bytes(b"xx")
     with pytest.raises(ParamsError):
         infer_architecture(tmp_path / "bad.params")
+
+
+def test_conv_bias_before_bn_is_folded(tmp_path, x):
+    """gluoncv-style VGG-BN (conv with bias, then BN): biases fold exactly into the running means."""
+    width = 0.125
+    net = nn.HybridSequential()
+    with net.name_scope():
+        feats = nn.HybridSequential()
+        for num, channel in CONV_ARCH:
+            for _ in range(num):
+                feats.add(nn.Conv2D(int(channel * width), kernel_size=3, padding=1), nn.BatchNorm(),
+                          nn.Activation("relu"))
+            feats.add(nn.MaxPool2D(2, 2))
+        feats.add(nn.Dense(32, activation="relu"), nn.Dropout(0.5), nn.Dense(32, activation="relu"),
+                  nn.Dropout(0.5))
+        net.add(feats, nn.Dense(10))
+    net.initialize(mx.init.Xavier())
+    net(x)
+    rng = np.random.RandomState(1)
+    for name, p in net._collect_params_with_prefix().items():  # non-trivial biases and BN statistics
+        values = rng.uniform(0.5, 1.5, p.shape) if name.endswith("running_var") else rng.normal(0, 0.3, p.shape)
+        p.set_data(mx.nd.array(values))
+    expected = net(x).asnumpy()
+    net.save_parameters(str(tmp_path / "gcv_bn.params"))
+
+    ours = M.build_vgg("vgg11", 10, width=width, batch_norm=True, fc_units=32)
+    report = load_params_any(ours, tmp_path / "gcv_bn.params", [CTX], input_shape=SHAPE)
+    assert report.layout == LAYOUT_MAPPED and "8 conv biases folded" in report.message
+    np.testing.assert_allclose(ours(x).asnumpy(), expected, rtol=1e-4, atol=1e-4)
+    mx.nd.waitall()

@@ -231,6 +231,33 @@ def _prepare(net: VGG, ctx_list: List[mx.Context], input_shape: Tuple[int, int, 
                               f"({_mx_reason(exc)})") from None
 
 
+def _fold_conv_bias_into_bn(entries: List[Tuple[str, mx.nd.NDArray]]
+                            ) -> Tuple[List[Tuple[str, mx.nd.NDArray]], int]:
+    """Drop conv biases that feed a BatchNorm, moving them into its running mean.
+
+    gluoncv's VGG-BN (and many scripts) keep a bias on convs followed by BN; ours has none. The fold
+    is exact: BN(x + b) normalizes with the batch mean in training (b cancels) and with
+    (x + b - running_mean) at inference, i.e. (x - (running_mean - b)).
+    """
+    out: List[Tuple[str, mx.nd.NDArray]] = []
+    folded, i = 0, 0
+    while i < len(entries):
+        name, arr = entries[i]
+        nxt = [_split(n)[1] for n, _ in entries[i + 1:i + 4]]
+        if (_split(name)[1] == "bias" and arr.ndim == 1 and out and out[-1][1].ndim == 4
+                and nxt[:2] == ["gamma", "beta"] and len(nxt) == 3 and nxt[2] in ("running_mean", "moving_mean")
+                and entries[i + 3][1].shape == arr.shape):
+            mean_name, mean = entries[i + 3]
+            out.extend(entries[i + 1:i + 3])
+            out.append((mean_name, mean - arr))
+            folded += 1
+            i += 4
+            continue
+        out.append((name, arr))
+        i += 1
+    return out, folded
+
+
 def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
                     input_shape: Tuple[int, int, int]) -> LoadReport:
     """Load `path` into `net` on every context of `ctx_list`, from our layout or a tutorial's.
@@ -255,9 +282,15 @@ def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
         raise ParamsError(f"{path}: vgg-gluon file for another network ({len(file_names)} tensors, "
                           f"{_net_label(net)} has {len(ours)}; {first}); "
                           f"{_count_hint(net, len(file_names), file_has_bn)}")
-    if not native and len(file_names) != len(ours):
-        raise ParamsError(f"{path}: holds {len(file_names)} tensors but {_net_label(net)} has {len(ours)}; "
-                          f"{_count_hint(net, len(file_names), file_has_bn)}")
+    entries: List[Tuple[str, mx.nd.NDArray]] = []
+    folded = 0
+    if not native:
+        entries = [(n, loaded[n]) for n in network_order(file_names)]
+        if net.batch_norm:
+            entries, folded = _fold_conv_bias_into_bn(entries)
+        if len(entries) != len(ours):
+            raise ParamsError(f"{path}: holds {len(file_names)} tensors but {_net_label(net)} has {len(ours)}; "
+                              f"{_count_hint(net, len(file_names), file_has_bn)}")
 
     _prepare(net, ctx_list, input_shape, path)
 
@@ -275,20 +308,21 @@ def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
         log.info(msg)
         return LoadReport(str(path), LAYOUT_NATIVE, len(ours), msg)
 
-    ordered = network_order(file_names)
     targets = list(ours.items())
-    for i, (fname, (oname, param)) in enumerate(zip(ordered, targets), start=1):
-        fshape, nshape = tuple(loaded[fname].shape), tuple(param.shape)
+    for i, ((fname, arr), (oname, param)) in enumerate(zip(entries, targets), start=1):
+        fshape, nshape = tuple(arr.shape), tuple(param.shape)
         if fshape != nshape:
             hint = _shape_hint(net, oname, fshape, nshape, input_shape)
             raise ParamsError(f"{path}: tensor {i} '{fname}' has shape {_shape(fshape)} but {_net_label(net)} "
                               f"expects {_shape(nshape)} at {oname}; {hint}")
     # Everything matched: only now touch the network, so a refused file leaves it as it was.
-    for fname, (_, param) in zip(ordered, targets):
-        param.set_data(loaded[fname].astype(param.dtype, copy=False))  # copies to every context
+    for (_, arr), (_, param) in zip(entries, targets):
+        param.set_data(arr.astype(param.dtype, copy=False))  # copies to every context
     style = "structural names" if "." in file_names[0] else "prefixed names"
-    msg = (f"mapped {len(targets)} tensors from a tutorial-style layout ({style} such as '{ordered[0]}') "
+    msg = (f"mapped {len(targets)} tensors from a tutorial-style layout ({style} such as '{entries[0][0]}') "
            f"in {path} onto {_net_label(net)}")
+    if folded:
+        msg += f" ({folded} conv biases folded into the batch-norm running means)"
     log.info(msg)
     return LoadReport(str(path), LAYOUT_MAPPED, len(targets), msg)
 
