@@ -153,6 +153,24 @@ def test_fashion_uncompressed_files(tmp_path, no_system_fashion):
     np.testing.assert_array_equal(ds.test.images[..., 0], arrays["test-images"])
 
 
+def test_fashion_partial_folder_completed_by_download(tmp_path, no_system_fashion, monkeypatch, caplog):
+    mirror = tmp_path / "mirror"
+    make_fashion(mirror)
+    specs = {k: D._IdxFile(v.name, hashlib.md5((mirror / (v.name + ".gz")).read_bytes()).hexdigest(),
+                           v.sha256, v.count) for k, v in D._FASHION_FILES.items()}
+    monkeypatch.setattr(D, "_FASHION_FILES", specs)
+    monkeypatch.setattr(D, "FASHION_MNIST_URL", mirror.as_uri() + "/")
+    own = tmp_path / "data" / "fashion-mnist"
+    own.mkdir(parents=True)
+    (own / "train-images-idx3-ubyte.gz").write_bytes((mirror / "train-images-idx3-ubyte.gz").read_bytes())
+    with pytest.raises(D.DataError, match="not found"):
+        D.load_dataset("fashion-mnist", tmp_path / "data", download=False)
+    assert "only some Fashion-MNIST files" in caplog.text
+    ds = D.load_dataset("fashion-mnist", tmp_path / "data", download=True)
+    assert len(ds.train) == 12 and len(list(own.iterdir())) == 4
+    ds.train.images[0, 0, 0, 0] = 1  # arrays are writable copies
+
+
 def test_fashion_limits_and_val_split(tmp_path, no_system_fashion):
     make_fashion(tmp_path, n_train=20, n_test=8)
     ds = D.load_dataset("fashion-mnist", tmp_path, download=False, train_limit=10, test_limit=3,
@@ -426,6 +444,21 @@ def test_prepare_from_image_folder_archive(tmp_path, no_network):
         D._extract_cifar_archive, D._decode_images = orig_extract, orig_decode
 
 
+def test_prepare_reextracts_when_folder_removed_or_archive_changed(tmp_path):
+    src = tmp_path / "src"
+    make_image_folder(src, per_class=2, n_test=1)
+    archive = make_tar(tmp_path / "c.tar.gz", folder_members(src))
+    data_dir = tmp_path / "data"
+    D.prepare_dataset("cifar10", data_dir, from_archive=archive, download=False)
+    import shutil
+    shutil.rmtree(data_dir / "cifar10" / "test")
+    assert "6 train / 3 test" in D.prepare_dataset("cifar10", data_dir, from_archive=archive, download=False)
+    make_image_folder(src, per_class=3, n_test=1)
+    make_tar(archive, folder_members(src))
+    os.utime(archive, (1, 1))  # a different size/mtime stamp
+    assert "9 train / 3 test" in D.prepare_dataset("cifar10", data_dir, from_archive=archive, download=False)
+
+
 def test_prepare_from_binary_archive(tmp_path):
     src = tmp_path / "src"
     make_cifar_binary(src / "cifar-10-batches-bin")
@@ -507,6 +540,8 @@ def test_real_debian_fashion_mnist(tmp_path, no_network):
     # Published statistics: mean 0.2860, std 0.3530 of the 0..1 pixels.
     assert ds.mean[0] / 255 == pytest.approx(0.2860, abs=1e-4)
     assert ds.std[0] / 255 == pytest.approx(0.3530, abs=1e-4)
+    summary = D.prepare_dataset("fashion-mnist", tmp_path, download=False)
+    assert "60000 train / 10000 test" in summary and "checksums verified" in summary
     # The content checksum was verified by load_dataset; check it independently too.
     for spec in D._FASHION_FILES.values():
         with gzip.open(D.SYSTEM_FASHION_MNIST_DIR / (spec.name + ".gz")) as f:
@@ -741,6 +776,9 @@ def test_loader_shards_are_disjoint():
 def test_loader_too_small_for_a_batch():
     with pytest.raises(D.DataError, match="fewer than one batch"):
         _loader(_split(n=5), batch_size=8)
+    with pytest.raises(ValueError):
+        next(_loader(_split(n=16)).epoch(0, start_batch=-1))
+    assert list(_loader(_split(n=16)).epoch(0, start_batch=5)) == []
 
 
 def test_loader_resize_224():

@@ -333,7 +333,8 @@ def _read_idx(path: Path, expect_ndim: int, hint: str) -> np.ndarray:
         if got != known.sha256:
             raise DataError(f"{path} is corrupted or not Fashion-MNIST (content SHA-256 {got[:12]}..., "
                             f"expected {known.sha256[:12]}...): {hint}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    # A copy: frombuffer over bytes is read-only, and callers may reasonably edit their arrays.
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 def _find_fashion_files(folder: Path) -> Optional[Dict[str, Path]]:
@@ -654,6 +655,7 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, *, download: bool =
 
 
 def _archive_stamp(archive: Path) -> Dict[str, object]:
+    """What identifies an archive for prepare_dataset's "already extracted" check."""
     st = archive.stat()
     return {"archive": str(archive.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
@@ -682,23 +684,31 @@ def prepare_dataset(name: str, data_dir: Path, from_archive: Optional[Path] = No
         done = False
         if marker.is_file():
             try:
-                done = json.loads(marker.read_text()) == stamp and _find_cifar10(data_dir) is not None
-            except ValueError:
+                old = json.loads(marker.read_text())
+                done = ({k: old.get(k) for k in stamp} == stamp
+                        and all((own / top).is_dir() for top in old.get("extracted") or ["?"]))
+            except (ValueError, AttributeError):
                 done = False
         if done:
             log.info("%s already extracted into %s", archive, own)
         else:
             t0 = time.perf_counter()
-            _extract_cifar_archive(archive, own)
-            marker.write_text(json.dumps(stamp))
+            marker.unlink(missing_ok=True)
+            stamp["extracted"] = _extract_cifar_archive(archive, own)
+            tmp = marker.with_name(marker.name + ".tmp")
+            tmp.write_text(json.dumps(stamp))
+            os.replace(tmp, marker)
             log.info("extracted %s into %s in %.1f s", archive, own, time.perf_counter() - t0)
     ds = load_dataset(name, data_dir, download=download)
+    verified = ("; content checksums verified" if name == "fashion-mnist"
+                and (len(ds.train), len(ds.test)) == (60000, 10000) else "")
     return (f"{name}: {len(ds.train)} train / {len(ds.test)} test images, {len(ds.classes)} classes, "
-            f"from {ds.source}")
+            f"from {ds.source}{verified}")
 
 
-def _extract_cifar_archive(archive: Path, own: Path) -> None:
-    """Extract archive into own so that own/train+own/test or own/cifar-10-batches-bin exist."""
+def _extract_cifar_archive(archive: Path, own: Path) -> List[str]:
+    """Extract archive into own so that own/train+own/test or own/cifar-10-batches-bin exist;
+    return those folder names."""
     own.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".archive-", dir=own))
     try:
@@ -717,7 +727,7 @@ def _extract_cifar_archive(archive: Path, own: Path) -> None:
                 if final.is_dir():
                     shutil.rmtree(final)
                 os.replace(cand / top, final)
-            return
+            return moves
         raise DataError(f"{archive} holds neither train/<class>/ + test/<class>/ image folders nor "
                         f"{CIFAR10_BINARY_DIR}/")
     finally:
@@ -728,13 +738,26 @@ def _extract_cifar_archive(archive: Path, own: Path) -> None:
 # Batches (MXNet)
 
 
-def _channel_consts(mean: Sequence[float], std: Sequence[float], ctx: "mx.Context"):
+_CONSTS: Dict[Tuple[Tuple[float, ...], Tuple[float, ...], str], Tuple["mx.nd.NDArray", "mx.nd.NDArray"]] = {}
+
+
+def _channel_consts(mean: Sequence[float], std: Sequence[float],
+                    ctx: "mx.Context") -> Tuple["mx.nd.NDArray", "mx.nd.NDArray"]:
+    """(mean, 1/std) as (1, C, 1, 1) NDArrays on ctx, made once per (mean, std, ctx)."""
+    key = (tuple(float(v) for v in mean), tuple(float(v) for v in std), str(ctx))
+    if key not in _CONSTS:
+        c = len(mean)
+        _CONSTS[key] = (_nd_on(np.asarray(key[0], dtype=np.float32).reshape(1, c, 1, 1), ctx),
+                        _nd_on((1.0 / np.asarray(key[1], dtype=np.float32)).reshape(1, c, 1, 1), ctx))
+    return _CONSTS[key]
+
+
+def _nd_on(a: np.ndarray, ctx: "mx.Context", dtype: str = "float32") -> "mx.nd.NDArray":
+    """numpy -> NDArray on ctx: a host copy, then an asynchronous engine copy to the device
+    (mx.nd.array(ctx=gpu) would be a blocking host-to-device copy in the batch loop)."""
     import mxnet as mx
 
-    c = len(mean)
-    m = mx.nd.array(np.asarray(mean, dtype=np.float32).reshape(1, c, 1, 1), ctx=ctx)
-    inv = mx.nd.array((1.0 / np.asarray(std, dtype=np.float32)).reshape(1, c, 1, 1), ctx=ctx)
-    return m, inv
+    return mx.nd.array(a, ctx=mx.cpu(), dtype=dtype).as_in_context(ctx)
 
 
 def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarray) -> "mx.nd.NDArray":
@@ -755,7 +778,7 @@ def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarra
         hp, wp = h + 2 * p, w + 2 * p
         rows = (np.arange(b)[:, None] * hp + offsets[:, :1] + np.arange(h)[None, :]).ravel()
         y = mx.nd.take(mx.nd.transpose(y, axes=(0, 2, 1, 3)).reshape((b * hp, c * wp)),
-                       mx.nd.array(rows, ctx=ctx, dtype="int32"))
+                       _nd_on(rows, ctx, "int32"))
         y = mx.nd.transpose(y.reshape((b, h, c, wp)), axes=(0, 2, 1, 3))  # (B, C, H, Wp)
     else:
         wp = w
@@ -764,7 +787,7 @@ def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarra
     j = np.arange(w)[None, :]
     cols = (np.arange(b)[:, None] * wp + offsets[:, 1:] + np.where(flips[:, None], w - 1 - j, j)).ravel()
     y = mx.nd.take(mx.nd.transpose(y, axes=(0, 3, 1, 2)).reshape((b * wp, c * h)),
-                   mx.nd.array(cols, ctx=ctx, dtype="int32"))
+                   _nd_on(cols, ctx, "int32"))
     return mx.nd.transpose(y.reshape((b, w, c, h)), axes=(0, 2, 3, 1))  # (B, C, H, W)
 
 
@@ -895,6 +918,8 @@ class BatchLoader:
         """
         import mxnet as mx
 
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, not {start_batch}")
         idx, offsets, flips = self._plan(epoch)
         cpu = mx.cpu()
         for start in range(start_batch * self.batch_size, self._per_worker, self.batch_size):
