@@ -557,8 +557,8 @@ def _np_reference(x: np.ndarray, mean, std, pad_to: Optional[int], crop_pad: int
     y = x.astype(np.float32).transpose(0, 3, 1, 2)
     b, c, h, w = y.shape
     if pad_to and h < pad_to:
-        t, l = (pad_to - h) // 2, (pad_to - w) // 2
-        y = np.pad(y, ((0, 0), (0, 0), (t, pad_to - h - t), (l, pad_to - w - l)))
+        top, left = (pad_to - h) // 2, (pad_to - w) // 2
+        y = np.pad(y, ((0, 0), (0, 0), (top, pad_to - h - top), (left, pad_to - w - left)))
         h = w = pad_to
     out = np.empty_like(y)
     for i in range(b):
@@ -665,8 +665,8 @@ def _split(n: int = 50, hw: int = 28, c: int = 1) -> D.Split:
 
 
 def _loader(split, **kw):
-    args = dict(batch_size=8, ctx_list=[mx.cpu()], mean=(0.0,), std=(1.0,), pad_to=32, image_size=None,
-                train=True, augment_crop_pad=4, augment_flip=True, seed=3)
+    args = {"batch_size": 8, "ctx_list": [mx.cpu()], "mean": (0.0,), "std": (1.0,), "pad_to": 32,
+            "image_size": None, "train": True, "augment_crop_pad": 4, "augment_flip": True, "seed": 3}
     args.update(kw)
     return D.BatchLoader(split, args.pop("batch_size"), args.pop("ctx_list"), **args)
 
@@ -739,7 +739,7 @@ def test_loader_two_contexts():
         assert [d.shape[0] for d in data] == [4, 5]  # split_and_load(even_split=False) sizes
         assert [d.context for d in data] == ctxs and [lab.context for lab in labels] == ctxs
         assert all(d.dtype == np.float32 and lab.dtype == np.float32 for d, lab in zip(data, labels))
-    last_data, last_labels = batches[4]
+    last_data, _ = batches[4]
     assert [d.shape[0] for d in last_data] == [2, 2]
     flat = np.concatenate([d.asnumpy()[:, 0, 5, 5] for data, _ in batches for d in data])
     np.testing.assert_array_equal(flat, np.arange(40))
@@ -753,7 +753,7 @@ def test_loader_two_contexts():
 
 def test_loader_last_eval_batch_smaller_than_devices():
     loader = _loader(_split(n=9), batch_size=4, ctx_list=[mx.cpu(0), mx.cpu(1)], train=False)
-    data, labels = list(loader.epoch(0))[-1]
+    data, _ = list(loader.epoch(0))[-1]
     assert len(data) == 1 and data[0].shape[0] == 1
 
 

@@ -184,7 +184,7 @@ def download(url: str, dest: Path, md5: Optional[str] = None, sha256: Optional[s
     try:
         with os.fdopen(fd, "wb") as out:
             try:
-                resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - fixed URLs
+                resp = urllib.request.urlopen(url, timeout=timeout)
             except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 raise DataError(f"cannot download {url}: {reason}; check the network connection "
@@ -810,7 +810,7 @@ def transform_batch(x: "mx.nd.NDArray", *, mean: Sequence[float], std: Sequence[
     """
     import mxnet as mx
 
-    b, h, w, c = x.shape
+    b, h, w, _ = x.shape
     do_crop = bool(crop_pad) and crop_offsets is not None
     flip_mask = np.zeros(b, dtype=bool) if flips is None else np.asarray(flips, dtype=bool).reshape(b)
     if do_crop:
@@ -886,7 +886,7 @@ class BatchLoader:
             self._per_worker = len(range(self.rank, self._n, self.workers))
 
     def __len__(self) -> int:
-        return -(-self._per_worker // self.batch_size)
+        return (self._per_worker + self.batch_size - 1) // self.batch_size
 
     @property
     def num_samples(self) -> int:
