@@ -291,16 +291,27 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
     from vgg_gluon import engine
     from vgg_gluon.runtime import ctx_string
     cfg = session.cfg
+    dist, rows = getattr(session, "dist", None), []
+    if dist is not None and not dist.is_writer:
+        console = Console(True)  # rank 0 alone prints, logs and draws the progress bar
+
+    def on_epoch(row, best):
+        rows.append(row)
+        console.line(epoch_line(row, cfg.epochs, best))
     console.line(f"run {run_dir}: {cfg.dataset} ({len(session.dataset.train.labels)} train / "
                  f"{len(session.dataset.test.labels)} test), {cfg.arch} width {cfg.width:g}"
                  f"{' +BN' if cfg.batch_norm else ''}, input {tuple(session.input_shape)}, "
                  f"ctx {ctx_string(session.ctx_list)}, epochs {start_epoch + 1}..{cfg.epochs}")
     with StopFlag(console) as stop:
         result = engine.fit(session, run_dir, start_epoch=start_epoch, partial=partial, best_acc=best_acc,
-                            on_progress=console.progress,
-                            on_epoch=lambda row, best: console.line(epoch_line(row, cfg.epochs, best)),
-                            should_stop=stop)
+                            on_progress=console.progress, on_epoch=on_epoch,
+                            should_stop=dist.stop_checker(stop) if dist else stop,
+                            is_writer=dist is None or dist.is_writer)
     console.close_bar()
+    if dist is not None:
+        from vgg_gluon import distributed
+        dist.dump_for_tests(session.net, rows)
+        distributed.note_outcome(result.status)
     if result.status == "finished":
         console.line(f"done: best test accuracy {result.best_acc:.4f}; evaluate with "
                      f"`vgg-gluon evaluate {run_dir}`")
@@ -334,7 +345,13 @@ def train(config_path, quiet, **kwargs):
     """
     cfg = resolve_config(config_path, _flag_settings(kwargs))
     from vgg_gluon import engine
+    if cfg.kvstore.startswith("dist") and cfg.run_name is None:
+        from vgg_gluon.distributed import default_run_name
+        cfg.run_name = default_run_name(cfg)  # every worker must use the same run folder
     session = engine.build_session(cfg)
+    if session.dist is not None and not session.dist.is_writer:  # rank 0 owns the run folder
+        _run_fit(session, Path(cfg.output_dir) / cfg.run_name, Console(True), start_epoch=0)
+        return
     run_dir = _new_run_dir(cfg)
     from vgg_gluon.checkpoint import atomic_write_text
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -406,15 +423,18 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
                    "to train more")
         return
     session = engine.build_session(cfg, params_source=c)
-    ck.load_trainer_states(session.trainer, c.file(ck.STATES))
+    from vgg_gluon.distributed import load_trainer_states  # dist_async: no momentum to restore
+    load_trainer_states(session, c.file(ck.STATES))
     if cfg.epochs != meta["config"]["epochs"]:
         # More (or fewer) epochs: the schedule is rebuilt for the new length at the same update count.
         session.trainer._optimizer.lr_scheduler = engine.make_lr_scheduler(cfg, len(session.train_loader))
     session.history = [r for r in report.read_history(run_dir / "history.csv") if r["epoch"] <= done]
     partial = engine.Partial(**meta["partial"]) if meta.get("partial") else None
-    console = Console(quiet, run_dir / "train.log")
+    writer = session.dist is None or session.dist.is_writer  # every worker loads, rank 0 writes
+    console = Console(quiet or not writer, run_dir / "train.log" if writer else None)
     console.line(f"resuming {run_dir} from {c.name}" + (f" (epoch {done + 1}, step {c.step})" if c.step else ""))
-    ck.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+    if writer:
+        ck.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     _run_fit(session, run_dir, console, start_epoch=done, partial=partial,
              best_acc=float(meta.get("best_acc", -1.0)))
 
@@ -509,6 +529,10 @@ def data_cmd(dataset, data_dir, from_archive, no_download):
     click.echo(data_mod.prepare_dataset(dataset.lower(), target, Path(from_archive) if from_archive else None,
                                         download=not no_download))
 
+
+from vgg_gluon.launch import launch_cmd  # noqa: E402  (no mxnet import: the launcher stays light)
+
+main.add_command(launch_cmd)
 
 if __name__ == "__main__":
     main()

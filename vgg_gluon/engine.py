@@ -215,6 +215,7 @@ class Session:
     trainer: Any = None
     loss_fn: Any = None
     history: List[Dict[str, Any]] = field(default_factory=list)
+    dist: Any = None                 # distributed.DistContext with a dist_* kvstore, else None
 
     @property
     def num_classes(self) -> int:
@@ -243,13 +244,15 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         from vgg_gluon.config import ConfigError
         raise ConfigError(f"batch size {cfg.batch_size} is smaller than the number of devices ({len(ctx_list)})")
     seed_everything(cfg.seed)
+    from vgg_gluon import distributed  # a dist kvstore joins the parameter server: rank, workers
+    dist = distributed.create(cfg.kvstore) if train and distributed.wanted(cfg.kvstore) else None
     if dataset is None:
         dataset = data_mod.load_dataset(
             cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, train_limit=cfg.train_limit,
             test_limit=cfg.test_limit, val_split=cfg.val_split, seed=cfg.seed)
     net = models.build_vgg(cfg.arch, len(dataset.classes), width=cfg.width, batch_norm=cfg.batch_norm,
                            fc_units=cfg.fc_units, dropout=cfg.dropout)
-    s = Session(cfg, ctx_list, dataset, net)
+    s = Session(cfg, ctx_list, dataset, net, dist=dist)
     shape = s.input_shape
     if isinstance(params_source, ckpt_mod.Checkpoint):
         load_checkpoint_params(net, params_source.file(ckpt_mod.PARAMS), ctx_list)
@@ -271,16 +274,23 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         s.val_loader = data_mod.BatchLoader(dataset.val, eval_bs, ctx_list, train=False, **common)
     s.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=cfg.label_smoothing <= 0)
     if train:
+        batch, shard = cfg.batch_size, (0, 1)
+        if dist is not None:  # --batch-size is global: each worker takes its share of every step
+            batch, shard = distributed.local_batch_size(cfg.batch_size, dist.num_workers, len(ctx_list)), \
+                (dist.rank, dist.num_workers)
         s.train_loader = data_mod.BatchLoader(
-            dataset.train, cfg.batch_size, ctx_list, train=True, augment_crop_pad=cfg.augment_crop,
-            augment_flip=cfg.augment_flip, seed=cfg.seed, **common)
+            dataset.train, batch, ctx_list, train=True, augment_crop_pad=cfg.augment_crop,
+            augment_flip=cfg.augment_flip, seed=cfg.seed, shard=shard, **common)
         if len(s.train_loader) == 0:
             from vgg_gluon.config import ConfigError
             raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
                               f"({len(dataset.train.labels)} images)")
         # Materialize deferred shapes on every context before the Trainer sees the parameters.
         net(mx.nd.zeros((1,) + tuple(shape), ctx=ctx_list[0]))
-        s.trainer = make_trainer(net, cfg, len(s.train_loader))
+        if dist is not None:
+            s.trainer = dist.make_trainer(net, cfg, len(s.train_loader))
+        else:
+            s.trainer = make_trainer(net, cfg, len(s.train_loader))
     return s
 
 
@@ -348,6 +358,8 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
         except NonFiniteLoss as exc:
             return FitResult("nonfinite", epoch - 1, None, best_acc, str(exc))
         partial = None
+        if s.dist is not None:  # same weights, BN statistics and train metrics on every worker
+            m = s.dist.epoch_end(s.net, s.trainer, m, epoch)
         test = evaluate(s.net, s.eval_loader, s.num_classes)
         row = {"epoch": epoch, **{k: m[k] for k in ("train_loss", "train_acc")},
                "test_loss": test["loss"], "test_acc": test["acc"]}
