@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional
 import click
 
 import vgg_gluon
+from vgg_gluon.cli_group import SuggestingGroup
 from vgg_gluon.config import ARCHS, DATASETS, KVSTORES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
 
 log = logging.getLogger("vgg_gluon")
@@ -141,6 +142,9 @@ run_options = _options(
     click.option("--keep-last", type=int, help="Keep the newest N epoch checkpoints (the best one is always kept)."),
     click.option("--log-interval", type=int, help="Steps between progress-bar updates (default 20)."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines (train.log still written)."),
+    click.option("--log-json", type=click.Path(dir_okay=False, allow_dash=True),
+                 help="Append one JSON object per epoch (and one at the end) to FILE; '-' = stdout, "
+                      "the human lines then go to stderr."),
 )
 
 _SETTING_KEYS = {"dataset", "data_dir", "image_size", "val_split", "train_limit", "test_limit", "arch", "width",
@@ -184,6 +188,28 @@ class Console:
         self.log_path = log_path
         self.bar = None
         self.use_bar = not quiet and sys.stderr.isatty()
+        # --log-json of the running command (train/resume): JSON lines for machines. A Console
+        # without a train.log (e.g. a non-writing distributed rank) writes none.
+        ctx = click.get_current_context(silent=True)
+        self.json_path = ctx.params.get("log_json") if ctx is not None and log_path is not None else None
+
+    def record(self, event: str, **fields: Any) -> None:
+        """One JSON line (--log-json): {"event": "epoch", "epoch": 3, "test_acc": ..., ...}."""
+        if not self.json_path:
+            return
+        clean = {k: (None if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))) else v)
+                 for k, v in fields.items()}
+        text = json.dumps({"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **clean})
+        if self.json_path == "-":
+            self.close_bar()
+            click.echo(text)
+        else:
+            with open(self.json_path, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+
+    def epoch(self, row: Dict[str, Any], epochs: int, is_best: bool) -> None:
+        self.line(epoch_line(row, epochs, is_best))
+        self.record("epoch", **row, epochs=epochs, best=bool(is_best))
 
     def line(self, text: str, err: bool = False) -> None:
         if self.log_path is not None:
@@ -191,7 +217,7 @@ class Console:
                 f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n")
         if not self.quiet or err:
             self.close_bar()
-            click.echo(text, err=err)
+            click.echo(text, err=err or self.json_path == "-")
 
     def progress(self, p) -> None:
         if not self.use_bar:
@@ -199,9 +225,10 @@ class Console:
         if self.bar is None or self.bar.desc != f"epoch {p.epoch}":
             from tqdm import tqdm
             self.close_bar()
+            # initial: the bar starts at the first reading, so rate and ETA count only what it saw.
             self.bar = tqdm(total=p.steps, desc=f"epoch {p.epoch}", unit="step", leave=False,
-                            dynamic_ncols=True, file=sys.stderr)
-        self.bar.n = p.step
+                            dynamic_ncols=True, file=sys.stderr, initial=p.step)
+        self.bar.update(p.step - self.bar.n)
         self.bar.set_postfix_str(f"loss {p.loss:.4f} acc {p.acc:.4f} {p.img_per_s:,.0f} img/s lr {p.lr:.4g}")
 
     def close_bar(self) -> None:
@@ -250,7 +277,7 @@ class StopFlag:
 
 
 # ------------------------------------------------------------------------------------------------
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=SuggestingGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(vgg_gluon.__version__, "--version", prog_name="vgg-gluon")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (data sources, checkpoint decisions).")
 def main(verbose: bool) -> None:
@@ -262,6 +289,11 @@ def main(verbose: bool) -> None:
       vgg-gluon train --config experiments/cifar10.yaml --ctx gpu:0,1
       vgg-gluon resume checkpoints/<run> --epochs 40
       vgg-gluon evaluate checkpoints/<run> --which best --json
+      vgg-gluon summary --arch vgg11 --width 0.25 --image-size 224
+      vgg-gluon predict checkpoints/<run> shoe.png --top-k 3
+      vgg-gluon runs
+
+    Shell completion (bash): eval "$(_VGG_GLUON_COMPLETE=bash_source vgg-gluon)"
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
@@ -297,7 +329,7 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
 
     def on_epoch(row, best):
         rows.append(row)
-        console.line(epoch_line(row, cfg.epochs, best))
+        console.epoch(row, cfg.epochs, best)
     console.line(f"run {run_dir}: {cfg.dataset} ({len(session.dataset.train.labels)} train / "
                  f"{len(session.dataset.test.labels)} test), {cfg.arch} width {cfg.width:g}"
                  f"{' +BN' if cfg.batch_norm else ''}, input {tuple(session.input_shape)}, "
@@ -308,11 +340,15 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                             should_stop=dist.stop_checker(stop) if dist else stop,
                             is_writer=dist is None or dist.is_writer)
     console.close_bar()
+    console.record("end", status=result.status, epoch=result.epoch, best_acc=result.best_acc)
     if dist is not None:
         from vgg_gluon import distributed
         dist.dump_for_tests(session.net, rows)
         distributed.note_outcome(result.status)
     if result.status == "finished":
+        if dist is None or dist.is_writer:
+            from vgg_gluon.inspection import report_after_training_safely
+            report_after_training_safely(session, run_dir, console.line)  # never raises
         console.line(f"done: best test accuracy {result.best_acc:.4f}; evaluate with "
                      f"`vgg-gluon evaluate {run_dir}`")
         return
@@ -533,6 +569,9 @@ def data_cmd(dataset, data_dir, from_archive, no_download):
 from vgg_gluon.launch import launch_cmd  # noqa: E402  (no mxnet import: the launcher stays light)
 
 main.add_command(launch_cmd)
+
+# summary, predict, export, report, runs: registered on `main` by importing their module.
+from vgg_gluon import cli_tools  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

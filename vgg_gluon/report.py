@@ -78,3 +78,127 @@ def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write(Path(path), buf.getvalue())
+
+
+# ------------------------------------------------------------------------------------------------
+# the visual report: confusion matrix, misclassified images, report.md
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(Path(path), buf.getvalue())
+
+
+def normalize_rows(confusion) -> List[List[float]]:
+    """Each row (true class) divided by its count; empty rows stay 0."""
+    out = []
+    for row in confusion:
+        total = sum(row)
+        out.append([v / total if total else 0.0 for v in row])
+    return out
+
+
+def plot_confusion(path: Path, confusion, classes: List[str]) -> None:
+    """Row-normalized confusion matrix (rows: true class, columns: predicted) with class names."""
+    plt = _pyplot()
+    norm = normalize_rows(confusion)
+    k = len(classes)
+    side = max(5.0, 0.6 * k + 2.5)
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                v = norm[i][j]
+                if v >= 0.005:
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if v > 0.5 else "black")
+    total = sum(sum(r) for r in confusion)
+    correct = sum(confusion[i][i] for i in range(k))
+    ax.set_title(f"confusion matrix (normalized per true class), accuracy {correct / max(total, 1):.4f}")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_mistakes(path: Path, images, truth, pred, probs, classes: List[str], order, limit: int = 32,
+                  cols: int = 8) -> None:
+    """Grid of misclassified images (uint8 (N, H, W, C)) titled 'true / predicted (probability)'."""
+    plt = _pyplot()
+    order = list(order)[:limit]
+    if not order:
+        fig, ax = plt.subplots(figsize=(6, 2))
+        ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center", fontsize=14)
+        ax.set_axis_off()
+        _save(fig, path)
+        return
+    cols = min(cols, len(order))
+    rows = math.ceil(len(order) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.75 * cols, 2.05 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, i in zip(axes.flat, order):
+        img = images[i]
+        if img.shape[-1] == 1:
+            ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=255)
+        else:
+            ax.imshow(img)
+        ax.set_title(f"true {classes[truth[i]]}\npred {classes[pred[i]]} {probs[i, pred[i]]:.2f}",
+                     fontsize=7, color="darkred")
+    fig.suptitle(f"misclassified test images, most confident first ({len(order)} shown)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_report_md(path: Path, *, run_name: str, classes: List[str], confusion, history, checkpoint_name: str,
+                    epoch, images: List[str], dataset: str, mistakes: int) -> None:
+    """Markdown page showing the pictures and the per-class table."""
+    k = len(classes)
+    total = sum(sum(r) for r in confusion)
+    correct = sum(confusion[i][i] for i in range(k))
+    lines = [f"# Report: {run_name}", ""]
+    lines.append(f"Data set {dataset}, checkpoint `{checkpoint_name}`"
+                 + (f" (epoch {epoch})" if epoch is not None else "")
+                 + f": test accuracy **{correct / max(total, 1):.4f}** on {total} images, {mistakes} misclassified.")
+    if history:
+        last = history[-1]
+        best = max(history, key=lambda r: r.get("test_acc", -1))
+        lines.append(f"Epochs trained: {last['epoch']}; best test accuracy {best.get('test_acc', float('nan')):.4f} "
+                     f"(epoch {best['epoch']}), last {last.get('test_acc', float('nan')):.4f}.")
+    lines.append("")
+    titles = {"curves.png": "Loss, accuracy and learning rate per epoch",
+              "confusion.png": "Confusion matrix (rows: true class, normalized)",
+              "mistakes.png": "Misclassified test images (most confident first)"}
+    for name in images:
+        lines += [f"## {titles.get(name, name)}", "", f"![{name}]({name})", ""]
+    lines += ["## Per-class accuracy", "", "| class | test images | accuracy | most often mistaken for |",
+              "|---|---:|---:|---|"]
+    for i, name in enumerate(classes):
+        n = sum(confusion[i])
+        acc = confusion[i][i] / n if n else float("nan")
+        others = [(confusion[i][j], j) for j in range(k) if j != i and confusion[i][j]]
+        worst = max(others) if others else None
+        confused = f"{classes[worst[1]]} ({worst[0] / n:.1%})" if worst else "-"
+        lines.append(f"| {name} | {n} | {acc:.4f} | {confused} |")
+    if history:
+        lines += ["", "## Epochs", "", "| epoch | train loss | train acc | test loss | test acc | lr | seconds |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in history:
+            lines.append("| {} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.4g} | {:.1f} |".format(
+                r["epoch"], *(float(r.get(key, float("nan"))) for key in
+                              ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"))))
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")

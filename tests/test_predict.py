@@ -1,0 +1,135 @@
+"""`vgg-gluon predict` and `vgg-gluon export` against a tiny trained run."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from vgg_gluon import cli
+
+TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
+        "--test-limit", "64", "--quiet"]
+
+
+def _invoke(*args):
+    return CliRunner(mix_stderr=False).invoke(cli.main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_data_dir):
+    out = tmp_path_factory.mktemp("runs")
+    os.environ["VGG_GLUON_DATA_DIR"] = str(tiny_data_dir)
+    try:
+        r = _invoke("train", *TINY, "--epochs", 1, "--output-dir", out, "--name", "run")
+    finally:
+        del os.environ["VGG_GLUON_DATA_DIR"]
+    assert r.exit_code == 0, r.output + r.stderr
+    return out / "run"
+
+
+@pytest.fixture(scope="module")
+def reference(run, tiny_data_dir):
+    """The run's network on the first test images through the training pipeline (BatchLoader)."""
+    from vgg_gluon import checkpoint as ck
+    from vgg_gluon import engine
+    from vgg_gluon.config import RunConfig
+    c = ck.select_checkpoint(run, "best")
+    cfg = RunConfig.from_dict(c.meta()["config"]).update({"data_dir": str(tiny_data_dir), "ctx": "cpu"})
+    s = engine.build_session(cfg, train=False, params_source=c)
+    data, _ = next(s.eval_loader.epoch(0))
+    probs = engine.mx.nd.softmax(s.net(data[0]), axis=1).asnumpy()
+    return s.dataset.test.images, probs, data[0].asnumpy(), list(s.dataset.classes)
+
+
+def test_predict_matches_training_pipeline(run, reference, tmp_path):
+    images, probs, _, classes = reference
+    files = []
+    for i in range(4):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(images[i][..., 0], "L").save(p)
+        files.append(p)
+    r = _invoke("predict", run, *files, "--top-k", 3, "--json")
+    assert r.exit_code == 0, r.output + r.stderr
+    out = json.loads(r.output)
+    assert out["errors"] == [] and len(out["predictions"]) == 4
+    for i, pred in enumerate(out["predictions"]):
+        assert len(pred["top"]) == 3
+        order = np.argsort(-probs[i], kind="stable")[:3]
+        assert [t["index"] for t in pred["top"]] == list(order)
+        assert [t["class"] for t in pred["top"]] == [classes[j] for j in order]
+        np.testing.assert_allclose([t["probability"] for t in pred["top"]], probs[i][order], rtol=1e-4, atol=1e-6)
+
+
+def test_predict_any_size_and_mode_and_bad_files(run, reference, tmp_path):
+    images, probs, _, classes = reference
+    folder = tmp_path / "in"
+    folder.mkdir()
+    g = images[0][..., 0]
+    Image.fromarray(g, "L").resize((112, 112), Image.NEAREST).convert("RGB").save(folder / "big_rgb.png")
+    Image.fromarray(g, "L").convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(g, "L").convert("RGB").save(folder / "rgb.png")
+    Image.fromarray(g, "L").convert("P").save(folder / "palette.png")
+    Image.fromarray(g, "L").save(folder / "photo.jpg", quality=95)
+    Image.fromarray((g.astype(np.uint16) * 257), "I;16").save(folder / "sixteen.png")
+    (folder / "notes.png").write_text("not an image")
+    good = folder / "rgba.png"
+    (folder / "truncated.png").write_bytes(good.read_bytes()[:60])
+    r = _invoke("predict", run, folder, tmp_path / "missing.png")
+    assert r.exit_code == 1
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 3 and all(ln.startswith("Error: ") for ln in err), r.stderr
+    assert any("notes.png" in ln and "not an image" in ln for ln in err)
+    assert any("truncated.png" in ln for ln in err) and any("missing.png" in ln for ln in err)
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 6  # big_rgb, palette, photo, rgb, rgba, sixteen
+    top1 = classes[int(np.argmax(probs[0]))]
+    for name in ("rgb.png", "rgba.png", "sixteen.png"):  # the same pixels in other modes: same answer
+        line = next(ln for ln in lines if f"/{name}: " in ln)
+        assert line.split(": ", 1)[1].startswith(top1), line
+    assert "Traceback" not in r.output + r.stderr
+
+
+def test_predict_cifar_style_run_is_rgb(tmp_path):
+    """A 3-channel run turns a grayscale file into RGB 32x32 (honouring image_size)."""
+    from vgg_gluon.inspection import decode_image, source_size
+    p = tmp_path / "g.png"
+    Image.fromarray(np.full((50, 70), 128, np.uint8), "L").save(p)
+    a = decode_image(p, 3, source_size("cifar10"))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8 and (a == 128).all()
+    assert decode_image(p, 1, source_size("fashion-mnist")).shape == (28, 28, 1)
+
+
+def test_export_loads_with_symbolblock_and_matches(run, reference, tmp_path):
+    import mxnet as mx
+    from vgg_gluon.inspection import load_run_model
+    _, probs, batch, classes = reference
+    out = tmp_path / "export"
+    r = _invoke("export", run, out)
+    assert r.exit_code == 0, r.output + r.stderr
+    info = json.loads((out / "preprocessing.json").read_text())
+    assert info["classes"] == classes and info["channels"] == 1 and info["size"] == 32
+    assert info["pad_to"] == 32 and info["source_size"] == 28 and len(info["mean"]) == 1
+    net = mx.gluon.SymbolBlock.imports(str(out / "model-symbol.json"), ["data"], str(out / "model-0000.params"))
+    got = mx.nd.softmax(net(mx.nd.array(batch)), axis=1).asnumpy()
+    np.testing.assert_allclose(got, probs, rtol=1e-4, atol=1e-6)
+    own = load_run_model(run, "best").net
+    np.testing.assert_allclose(mx.nd.softmax(own(mx.nd.array(batch)), axis=1).asnumpy(), got, rtol=1e-4, atol=1e-6)
+
+
+def test_serve_example_needs_only_mxnet_and_pillow(run, reference, tmp_path):
+    images, probs, _, classes = reference
+    out = tmp_path / "export"
+    assert _invoke("export", run, out).exit_code == 0
+    img = tmp_path / "x.png"
+    Image.fromarray(images[1][..., 0], "L").save(img)
+    env = dict(os.environ, PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-I", str(out / "serve_example.py"), str(img)], capture_output=True,
+                          text=True, env=env, cwd=str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    name, p = proc.stdout.strip().split(": ", 1)[1].rsplit(" ", 1)
+    assert name == classes[int(np.argmax(probs[1]))]
+    assert abs(float(p) - probs[1].max()) < 2e-3

@@ -1,0 +1,136 @@
+"""`vgg-gluon runs`: what is in the checkpoints folder, read from the files alone (no MXNet).
+
+State of a run, derived from its files:
+
+* finished -- the last checkpoint ends the planned last epoch;
+* stopped  -- the last checkpoint is a mid-epoch one (Ctrl-C / SIGTERM), or train.log ends with a
+  "stopped ..." line;
+* running  -- none of the above and a file changed in the last few minutes (training in progress);
+* crashed  -- none of the above: an interrupted save (a ``.tmp-`` leftover), a NaN stop, or no
+  clean end at all.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from vgg_gluon import report
+from vgg_gluon.checkpoint import CKPT_RE, TMP_PREFIX
+
+#: A run whose files changed this recently, and is neither finished nor stopped, counts as running.
+RUNNING_WINDOW_S = 600
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _read_config(run_dir: Path) -> Dict[str, Any]:
+    import yaml
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+
+
+def _last_log_line(run_dir: Path) -> str:
+    try:
+        with open(run_dir / "train.log", "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and any((path / n).exists() for n in ("config.yaml", "last.json", "history.csv"))
+
+
+def describe_run(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
+    """One row of `vgg-gluon runs` for a run folder."""
+    now = time.time() if now is None else now
+    cfg = _read_config(run_dir)
+    history = report.read_history(run_dir / "history.csv")
+    last = _read_json(run_dir / "last.json") or {}
+    best = _read_json(run_dir / "best.json") or {}
+    ckpts = sorted((int(m.group(1)), int(m.group(2) or 0)) for m in
+                   (CKPT_RE.match(p.name) for p in run_dir.iterdir()) if m)
+    done = int(last.get("epoch", ckpts[-1][0] if ckpts else (history[-1]["epoch"] if history else 0)))
+    step = int(last.get("step", 0) or 0)
+    planned = cfg.get("epochs")
+    test_accs = [r["test_acc"] for r in history if isinstance(r.get("test_acc"), float)]
+    entries = list(run_dir.iterdir())
+    updated = max([p.stat().st_mtime for p in entries] + [run_dir.stat().st_mtime])
+    leftovers = [p.name for p in entries if p.name.startswith(TMP_PREFIX)]
+    log_end = _last_log_line(run_dir)
+    body = log_end[20:] if len(log_end) > 20 and log_end[:4].isdigit() else log_end  # drop the timestamp
+    note = ""
+    if planned is not None and done >= int(planned) and step == 0 and not leftovers:
+        state = "finished"
+    elif step > 0 or body.startswith("stopped") or "finishing this step and saving" in body:
+        state = "stopped"
+        note = f"inside epoch {done + 1} at step {step}" if step else ""
+    elif not leftovers and now - updated < RUNNING_WINDOW_S and not body.startswith("Error"):
+        state = "running"
+    else:
+        state = "crashed"
+        if leftovers:
+            note = "interrupted save (.tmp- leftover)"
+        elif body.startswith("Error"):
+            note = body[len("Error: "):][:120]
+        else:
+            note = "no clean end in train.log"
+    return {
+        "name": run_dir.name, "path": str(run_dir), "dataset": cfg.get("dataset"), "arch": cfg.get("arch"),
+        "width": cfg.get("width"), "batch_norm": cfg.get("batch_norm"), "image_size": cfg.get("image_size"),
+        "epochs_done": done, "epochs_planned": planned, "step": step,
+        "best_test_acc": max(test_accs) if test_accs else best.get("test_acc"),
+        "last_test_acc": test_accs[-1] if test_accs else None,
+        "best_checkpoint": best.get("checkpoint"), "last_checkpoint": last.get("checkpoint"),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(updated)), "updated_ts": updated,
+        "state": state, "note": note,
+    }
+
+
+def list_runs(parent: Path) -> List[Dict[str, Any]]:
+    """Every run folder directly under `parent`, newest first."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return []
+    rows = [describe_run(p) for p in parent.iterdir() if not p.name.startswith(".") and is_run_dir(p)]
+    return sorted(rows, key=lambda r: r["updated_ts"], reverse=True)
+
+
+def format_runs(rows: List[Dict[str, Any]]) -> str:
+    def acc(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    def arch(r):
+        s = str(r["arch"] or "?")
+        if r.get("width") is not None:
+            s += f" x{r['width']:g}"
+        if r.get("batch_norm"):
+            s += " +BN"
+        if r.get("image_size"):
+            s += f" {r['image_size']}px"
+        return s
+
+    table = [("run", "dataset", "architecture", "epochs", "best acc", "last acc", "updated", "state")]
+    for r in rows:
+        state = r["state"] + (f" ({r['note']})" if r["note"] else "")
+        table.append((r["name"], str(r["dataset"] or "?"), arch(r),
+                      f"{r['epochs_done']}/{r['epochs_planned'] if r['epochs_planned'] is not None else '?'}",
+                      acc(r["best_test_acc"]), acc(r["last_test_acc"]), r["updated"].replace("T", " ")[:16], state))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)
