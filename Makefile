@@ -85,8 +85,9 @@ test: venv $(if $(or $(filter true,$(CI)),$(SLOW)),data,)
 lint: venv
 	$(BIN)/ruff check vgg_gluon tests benchmarks
 
-bench: venv data-fashion-mnist
-	$(MAKE) -C benchmarks PY=$(abspath $(PY)) $(ARGS)
+# Throughput vs PyTorch (benchmarks/README.md); BENCH=tta|memory|syncs|threads for the others.
+bench: data-fashion-mnist
+	$(MAKE) -C benchmarks $(or $(BENCH),throughput) PYTHON=$(PYTHON) ARGS='$(ARGS)'
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

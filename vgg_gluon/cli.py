@@ -15,7 +15,7 @@ import click
 
 import vgg_gluon
 from vgg_gluon.cli_group import SuggestingGroup
-from vgg_gluon.config import ARCHS, DATASETS, KVSTORES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
+from vgg_gluon.config import ARCHS, DATASETS, DTYPES, KVSTORES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
 
 log = logging.getLogger("vgg_gluon")
 
@@ -134,6 +134,11 @@ optim_options = _options(
     click.option("--lr-factor", type=float, help="Step schedule factor (default 0.1)."),
     click.option("--label-smoothing", type=float, help="Label smoothing epsilon (default 0)."),
     click.option("--seed", type=int, help="Seed for initialization, data order and augmentation."),
+    click.option("--dtype", type=_choice(DTYPES),
+                 help="float16: half-precision weights and activations with float32 master weights "
+                      "(multi_precision); for GPUs. Default float32."),
+    click.option("--amp/--no-amp", default=None,
+                 help="MXNet automatic mixed precision (float16 per operator, dynamic loss scaling); for GPUs."),
 )
 
 run_options = _options(
@@ -150,7 +155,8 @@ run_options = _options(
 _SETTING_KEYS = {"dataset", "data_dir", "image_size", "val_split", "train_limit", "test_limit", "arch", "width",
                  "batch_norm", "fc_units", "dropout", "hybridize", "epochs", "batch_size", "optimizer", "lr",
                  "momentum", "wd", "lr_schedule", "warmup_epochs", "lr_steps", "lr_factor", "label_smoothing",
-                 "seed", "ctx", "kvstore", "keep_last", "log_interval", "output_dir", "run_name"}
+                 "seed", "ctx", "kvstore", "keep_last", "log_interval", "output_dir", "run_name",
+                 "dtype", "amp"}
 
 
 def _flag_settings(kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -159,7 +165,7 @@ def _flag_settings(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     if kwargs.get("augment") is not None:
         out["augment_crop"] = 4 if kwargs["augment"] else 0
         out["augment_flip"] = bool(kwargs["augment"])
-    for k in ("dataset", "arch", "optimizer", "lr_schedule", "kvstore"):
+    for k in ("dataset", "arch", "optimizer", "lr_schedule", "kvstore", "dtype"):
         if k in out:
             out[k] = out[k].lower()
     return out

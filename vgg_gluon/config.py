@@ -18,6 +18,7 @@ ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
 OPTIMIZERS = ("sgd", "nag", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
+DTYPES = ("float32", "float16")
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,8 @@ class RunConfig:
     fc_units: Optional[int] = None          # None: 4096 * width
     dropout: float = 0.5
     hybridize: bool = True
+    dtype: str = "float32"                  # float16: fp16 weights/activations, fp32 master weights
+    amp: bool = False                       # MXNet AMP: float16 where safe, dynamic loss scaling
     # optimization
     epochs: int = 10
     batch_size: int = 128
@@ -105,6 +108,9 @@ class RunConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("kvstore", self.kvstore, KVSTORES)
+        _choice("dtype", self.dtype, DTYPES)
+        if self.amp and self.dtype != "float32":
+            raise ConfigError("--amp keeps float32 weights and casts per operator: use it with --dtype float32")
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("lr", self.lr)

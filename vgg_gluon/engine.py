@@ -80,8 +80,28 @@ def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, kvstore: Optional[st
     opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": make_lr_scheduler(cfg, iters_per_epoch)}
     if cfg.optimizer in ("sgd", "nag"):
         opt_params["momentum"] = cfg.momentum
-    return gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params,
-                         kvstore=kvstore or cfg.kvstore)
+    if cfg.dtype == "float16":
+        opt_params["multi_precision"] = True  # float32 master weights and updates
+    trainer = gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params,
+                            kvstore=kvstore or cfg.kvstore)
+    if cfg.amp:
+        from mxnet.contrib import amp
+        amp.init_trainer(trainer)  # dynamic loss scaling; skips steps whose gradients overflow
+    return trainer
+
+
+def init_amp() -> None:
+    """MXNet AMP: patch the operator namespaces to float16 (once, before any network is built)."""
+    from mxnet.contrib import amp
+    if not getattr(amp.amp, "_amp_initialized", False):
+        amp.init(target_dtype="float16")
+
+
+def input_dtype(net) -> str:
+    """The dtype the network's first parameter has (float16 after net.cast), so inputs match it."""
+    for p in net.collect_params().values():
+        return "float16" if p.dtype in ("float16", np.float16) else "float32"
+    return "float32"
 
 
 def current_lr(trainer) -> float:
@@ -121,18 +141,26 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
     def read_totals():
         return read_loss + _sum_scalars(loss_acc), read_corr + _sum_scalars(corr_acc)
 
+    in_dtype = input_dtype(net)
+    use_amp = getattr(trainer, "_amp_loss_scaler", None) is not None
     for data, labels in loader.epoch(epoch, start_batch=partial.step):
         if seed is not None:
             mx.random.seed(step_seed(seed, epoch, step))
         with autograd.record():
-            outs = [net(x) for x in data]
+            # float16 networks: fp16 in, fp32 logits out so the softmax and metrics stay fp32.
+            outs = [net(x.astype(in_dtype, copy=False)).astype("float32", copy=False) for x in data]
             if label_smoothing > 0:
                 targets = [mx.nd.one_hot(y, num_classes) * (1 - label_smoothing) + label_smoothing / num_classes
                            for y in labels]
             else:
                 targets = labels
             losses = [loss_fn(o, t) for o, t in zip(outs, targets)]
-        autograd.backward(losses)
+            if use_amp:
+                from mxnet.contrib import amp
+                with amp.scale_loss(losses, trainer) as scaled:
+                    autograd.backward(scaled)
+        if not use_amp:
+            autograd.backward(losses)
         n = sum(x.shape[0] for x in data)
         trainer.step(n)
         step_loss = []
@@ -179,9 +207,10 @@ def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
     loss_fn = loss_fn or gluon.loss.SoftmaxCrossEntropyLoss()
     t0 = time.time()
     loss_sums, preds, truths = [], [], []
+    in_dtype = input_dtype(net)
     for data, labels in loader.epoch(0):
         for x, y in zip(data, labels):
-            out = net(x)
+            out = net(x.astype(in_dtype, copy=False)).astype("float32", copy=False)
             loss_sums.append(loss_fn(out, y).sum())
             preds.append(out.argmax(axis=1).as_in_context(mx.cpu()))
             truths.append(y.as_in_context(mx.cpu()))
@@ -246,6 +275,8 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     seed_everything(cfg.seed)
     from vgg_gluon import distributed  # a dist kvstore joins the parameter server: rank, workers
     dist = distributed.create(cfg.kvstore) if train and distributed.wanted(cfg.kvstore) else None
+    if cfg.amp:
+        init_amp()  # before the network is built
     if dataset is None:
         dataset = data_mod.load_dataset(
             cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, train_limit=cfg.train_limit,
@@ -264,6 +295,8 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         s.foreign_report = report_
     else:
         models.initialize(net, ctx_list, seed=cfg.seed)
+    if cfg.dtype != "float32":
+        net.cast(cfg.dtype)  # BatchNorm keeps float32 parameters (Gluon's BatchNorm.cast)
     if cfg.hybridize:
         net.hybridize(static_alloc=True, static_shape=True)
     common = dict(mean=dataset.mean, std=dataset.std, pad_to=data_mod.native_size(cfg.dataset),
@@ -286,7 +319,7 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
             raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
                               f"({len(dataset.train.labels)} images)")
         # Materialize deferred shapes on every context before the Trainer sees the parameters.
-        net(mx.nd.zeros((1,) + tuple(shape), ctx=ctx_list[0]))
+        net(mx.nd.zeros((1,) + tuple(shape), ctx=ctx_list[0], dtype=input_dtype(net)))
         if dist is not None:
             s.trainer = dist.make_trainer(net, cfg, len(s.train_loader))
         else:
