@@ -1,0 +1,67 @@
+"""Slow end-to-end runs in real subprocesses on small subsets of the real data sets (CI runs them)."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import FASHION_SYSTEM, REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--width", "0.125", "--train-limit", "1024", "--test-limit", "512", "--batch-size", "64", "--quiet"]
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("VGG_GLUON_DATA_DIR", REPO / "data"))
+
+
+def _cycle(tmp_path, dataset, extra=()):
+    env = {"VGG_GLUON_DATA_DIR": str(_data_dir())}
+    run = tmp_path / "run"
+    run_cli("train", "--dataset", dataset, *SMALL, *extra, "--epochs", 1, "--output-dir", tmp_path,
+            "--name", "run", env_extra=env)
+    assert (run / "epoch-0001" / "MANIFEST.json").is_file()
+    run_cli("resume", run, "--epochs", 2, env_extra=env)
+    assert (run / "epoch-0002" / "MANIFEST.json").is_file()
+    out = json.loads(run_cli("evaluate", run, "--which", "last", "--json", env_extra=env).stdout)
+    assert out["epoch"] == 2 and out["samples"] == 512
+    return out
+
+
+@pytest.mark.skipif(not (FASHION_SYSTEM / "train-images-idx3-ubyte.gz").exists(),
+                    reason="Debian's dataset-fashion-mnist is not installed (make data installs it)")
+def test_fashion_mnist_train_resume_evaluate(tmp_path):
+    out = _cycle(tmp_path, "fashion-mnist")
+    assert out["accuracy"] > 0.2   # 2 short epochs on 1,024 images: well above chance (0.1)
+
+
+def test_cifar10_train_resume_evaluate(tmp_path):
+    d = _data_dir()
+    if not ((d / "cifar10").exists() or (d / "cifar-10-batches-bin").exists()):
+        pytest.skip(f"CIFAR-10 not prepared in {d} (make data)")
+    out = _cycle(tmp_path, "cifar10")
+    assert out["accuracy"] > 0.15
+
+
+def test_signal_stops_cleanly_and_resumes(tmp_path, tiny_data_dir):
+    """SIGTERM mid-training: exit 143, one consistent checkpoint, resume finishes the run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, VGG_GLUON_DATA_DIR=str(tiny_data_dir), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "vgg_gluon", "train", "--width", "0.0625", "--fc-units", "32",
+           "--batch-size", "16", "--epochs", "30", "--output-dir", str(tmp_path), "--name", "sig", "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+    run = tmp_path / "sig"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "last.json").exists():
+        time.sleep(0.2)
+    assert (run / "last.json").exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "vgg-gluon resume" in err
+    run_cli("resume", run, "--epochs", 3, env_extra={"VGG_GLUON_DATA_DIR": str(tiny_data_dir)})
+    assert json.loads((run / "last.json").read_text())["epoch"] == 3
