@@ -126,7 +126,7 @@ def format_summary_text(s: Dict[str, Any]) -> str:
     head = f"{s['description']}, {s['num_classes']} classes, input {tuple(s['input_shape'])}"
     foot = (f"{human(s['total_params'])} parameters ({s['total_params'] * 4 / 2 ** 20:.1f} MiB float32), "
             f"{human(s['total_macs'])} multiply-adds per image (~{human(2 * s['total_macs'])}FLOPs)")
-    input_line = f"{'input':<26} {'':<8} {str(tuple(s['input_shape'])):<22}"
+    input_line = f"{'input':<26} {'':<8} {str(tuple(s['input_shape']))}"
     table = format_summary(rows).splitlines()
     return "\n".join([head, "", table[0], input_line, *table[1:], "", foot])
 
