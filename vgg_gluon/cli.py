@@ -25,7 +25,7 @@ EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 # Settings a recipe for a data set changes from RunConfig's defaults when no --config is given.
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "fashion-mnist": {},
-    "cifar10": {"augment_crop": 4, "augment_flip": True, "epochs": 30},
+    "cifar10": {"augment_crop": 4, "augment_flip": True, "epochs": 15},
 }
 # Settings that may change when a run is resumed; the others define the run.
 RESUME_OVERRIDABLE = {"epochs", "ctx", "kvstore", "data_dir", "keep_last", "log_interval"}
@@ -77,7 +77,10 @@ def friendly_errors(fn):
                 raise click.ClickException(advice) from None
             if os.environ.get("VGG_GLUON_DEBUG"):
                 raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            # MXNet's messages start with "Traceback (most recent call last):" and C++ frames.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if not ln.startswith(("Traceback", "File ", "[bt]"))),
+                         type(exc).__name__)
             raise click.ClickException(f"unexpected {type(exc).__name__}: {first[:300]} "
                                        "(set VGG_GLUON_DEBUG=1 for the traceback)") from None
     return wrapper
@@ -317,7 +320,11 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"{run_dir} already exists: resume it with `vgg-gluon resume {run_dir}` "
                           "or choose another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run folder {run_dir} ({exc.strerror or exc}): "
+                          "choose another --output-dir") from None
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"{run_dir}: not writable: choose another --output-dir")
     return run_dir
@@ -456,6 +463,15 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
     if not run_dir.is_dir():
         raise click.ClickException(f"{run_dir}: no such run folder")
     ck.cleanup_temp(run_dir)
+    if _never_checkpointed(run_dir):
+        # Stopped (e.g. killed) inside epoch 1: nothing to load, but the run's settings are known.
+        cfg = RunConfig.from_yaml(run_dir / "config.yaml").update(flags, "command line").validate()
+        session = engine.build_session(cfg)
+        console = Console(quiet, run_dir / "train.log")
+        console.line(f"{run_dir} has no checkpoint yet (it stopped inside epoch 1): starting it again "
+                     "from its config.yaml", err=True)
+        _run_fit(session, run_dir, console, start_epoch=0)
+        return
     c = ck.select_checkpoint(run_dir, "last")
     meta = c.meta()
     cfg = RunConfig.from_dict(meta["config"], f"{c.path}/meta.json").update(flags, "command line").validate()
@@ -467,10 +483,14 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
     session = engine.build_session(cfg, params_source=c)
     from vgg_gluon.distributed import load_trainer_states  # dist_async: no momentum to restore
     load_trainer_states(session, c.file(ck.STATES))
+    got, want = int(session.trainer._optimizer.num_update), meta.get("num_update")
+    if isinstance(want, int) and got != want:
+        raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
+                                 f"saved at update {want} (a .states file from another checkpoint?)")
     if cfg.epochs != meta["config"]["epochs"]:
         # More (or fewer) epochs: the schedule is rebuilt for the new length at the same update count.
         session.trainer._optimizer.lr_scheduler = engine.make_lr_scheduler(cfg, len(session.train_loader))
-    session.history = [r for r in report.read_history(run_dir / "history.csv") if r["epoch"] <= done]
+    session.history = _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
     partial = engine.Partial(**meta["partial"]) if meta.get("partial") else None
     writer = session.dist is None or session.dist.is_writer  # every worker loads, rank 0 writes
     console = Console(quiet or not writer, run_dir / "train.log" if writer else None)
@@ -479,6 +499,33 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
         ck.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     _run_fit(session, run_dir, console, start_epoch=done, partial=partial,
              best_acc=float(meta.get("best_acc", -1.0)))
+
+
+def _never_checkpointed(run_dir: Path) -> bool:
+    """A run folder train created (config.yaml) that was stopped before its first checkpoint."""
+    from vgg_gluon import checkpoint as ck
+    return ((run_dir / "config.yaml").is_file() and not ck.list_checkpoints(run_dir)
+            and not any((run_dir / f"{w}.json").exists() for w in ("last", "best"))
+            and not any(ck.CKPT_RE.match(p.name) for p in run_dir.iterdir()))
+
+
+def _recover_history(run_dir: Path, rows, done: int):
+    """history.csv rows of epochs 1..done; a row lost by a kill between a checkpoint's commit and
+    the history write is taken back from that checkpoint's meta.json."""
+    from vgg_gluon import checkpoint as ck
+    rows = [r for r in rows if r["epoch"] <= done]
+    have = {r["epoch"] for r in rows}
+    for c in ck.list_checkpoints(run_dir):
+        if c.step or c.epoch > done or c.epoch in have:
+            continue
+        try:
+            metrics = c.meta().get("metrics") or {}
+        except ck.CheckpointError:
+            continue
+        if metrics.get("epoch") == c.epoch:
+            rows.append(dict(metrics))
+            have.add(c.epoch)
+    return sorted(rows, key=lambda r: r["epoch"])
 
 
 def _infer_from_params(params_path: str, flags: Dict[str, Any]) -> Dict[str, Any]:
@@ -572,12 +619,12 @@ def data_cmd(dataset, data_dir, from_archive, no_download):
                                         download=not no_download))
 
 
+# summary, predict, export, report, runs: registered on `main` by importing their module.
+from vgg_gluon import cli_tools  # noqa: E402,F401
+
 from vgg_gluon.launch import launch_cmd  # noqa: E402  (no mxnet import: the launcher stays light)
 
 main.add_command(launch_cmd)
-
-# summary, predict, export, report, runs: registered on `main` by importing their module.
-from vgg_gluon import cli_tools  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
