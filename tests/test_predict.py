@@ -133,3 +133,30 @@ def test_serve_example_needs_only_mxnet_and_pillow(run, reference, tmp_path):
     name, p = proc.stdout.strip().split(": ", 1)[1].rsplit(" ", 1)
     assert name == classes[int(np.argmax(probs[1]))]
     assert abs(float(p) - probs[1].max()) < 2e-3
+
+
+def test_float16_run_is_loaded_as_float32(run, reference, tmp_path):
+    """A --dtype float16 run (weights saved in float16; CPUs cannot train one) predicts and exports
+    in float32."""
+    import shutil
+    import mxnet as mx
+    from vgg_gluon import checkpoint as ck
+    from vgg_gluon.inspection import load_run_model
+    _, probs, batch, _ = reference
+    copy = tmp_path / "fp16"
+    shutil.copytree(run, copy)
+    c = ck.select_checkpoint(copy, "best")
+    net = load_run_model(copy, "best").net
+    net.cast("float16")
+    net.save_parameters(str(c.file(ck.PARAMS)))
+    meta = json.loads(c.file(ck.META).read_text())
+    meta["config"]["dtype"] = "float16"
+    c.file(ck.META).write_text(json.dumps(meta))
+    files = {n: {"sha256": ck.sha256_file(c.file(n)), "size": c.file(n).stat().st_size}
+             for n in (ck.PARAMS, ck.STATES, ck.META)}
+    c.file(ck.MANIFEST).write_text(json.dumps({"format_version": ck.FORMAT_VERSION, "files": files}))
+    model = load_run_model(copy, "best")
+    assert model.checkpoint.path == c.path and model.cfg.dtype == "float16"
+    got = mx.nd.softmax(model.net(mx.nd.array(batch)), axis=1).asnumpy()
+    np.testing.assert_allclose(got, probs, atol=2e-2)
+    assert _invoke("export", copy, tmp_path / "exp").exit_code == 0

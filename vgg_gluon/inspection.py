@@ -90,7 +90,16 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
     ctx = ctx or mx.cpu()
     net = models.build_vgg(cfg.arch, len(prep["classes"]), width=cfg.width, batch_norm=cfg.batch_norm,
                            fc_units=cfg.fc_units, dropout=cfg.dropout)
-    engine.load_checkpoint_params(net, c.file(ck.PARAMS), [ctx])
+    if getattr(cfg, "dtype", "float32") != "float32":
+        # A float16 run: its weights are cast to float32 on loading (predict/export/report run
+        # anywhere, and an export serves float32 inputs).
+        try:
+            net.load_parameters(str(c.file(ck.PARAMS)), ctx=[ctx], cast_dtype=True, dtype_source="current")
+        except Exception as exc:  # MXNetError, AssertionError
+            raise ck.CheckpointError(f"{c.file(ck.PARAMS)}: cannot load weights "
+                                     f"({(str(exc).strip().splitlines() or [''])[0][:200]})") from None
+    else:
+        engine.load_checkpoint_params(net, c.file(ck.PARAMS), [ctx])
     net.hybridize()
     return RunModel(run_dir, c, cfg, meta, prep, net, ctx)
 
@@ -197,11 +206,14 @@ def to_input(images: np.ndarray, prep: Dict[str, Any], ctx):
 
 def probabilities(net, images: np.ndarray, prep: Dict[str, Any], ctx, batch_size: int = 128) -> np.ndarray:
     """Softmax outputs (N, classes) for uint8 images (N, H, W, C)."""
-    from vgg_gluon.engine import mx
+    from vgg_gluon import engine
+    mx = engine.mx
+    # a float16 network (a session of a --dtype float16 run) takes float16 inputs
+    in_dtype = engine.input_dtype(net) if hasattr(engine, "input_dtype") else "float32"
     outs = []
     for i in range(0, len(images), batch_size):
-        logits = net(to_input(images[i:i + batch_size], prep, ctx))
-        outs.append(mx.nd.softmax(logits, axis=1).asnumpy())
+        logits = net(to_input(images[i:i + batch_size], prep, ctx).astype(in_dtype, copy=False))
+        outs.append(mx.nd.softmax(logits.astype("float32", copy=False), axis=1).asnumpy())
     return np.concatenate(outs) if outs else np.zeros((0, len(prep["classes"])), np.float32)
 
 

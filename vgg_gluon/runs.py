@@ -108,7 +108,18 @@ def list_runs(parent: Path) -> List[Dict[str, Any]]:
     parent = Path(parent)
     if not parent.is_dir():
         return []
-    rows = [describe_run(p) for p in parent.iterdir() if not p.name.startswith(".") and is_run_dir(p)]
+    rows = []
+    for p in parent.iterdir():
+        if p.name.startswith(".") or not is_run_dir(p):
+            continue
+        try:
+            rows.append(describe_run(p))
+        except OSError as exc:  # unreadable folder: still listed, never a traceback
+            rows.append({"name": p.name, "path": str(p), "dataset": None, "arch": None, "width": None,
+                         "batch_norm": None, "image_size": None, "epochs_done": 0, "epochs_planned": None,
+                         "step": 0, "best_test_acc": None, "last_test_acc": None, "best_checkpoint": None,
+                         "last_checkpoint": None, "updated": "?", "updated_ts": 0.0, "state": "unreadable",
+                         "note": exc.strerror or str(exc)})
     return sorted(rows, key=lambda r: r["updated_ts"], reverse=True)
 
 
