@@ -105,6 +105,7 @@ def test_predict_cifar_style_run_is_rgb(tmp_path):
 
 def test_export_loads_with_symbolblock_and_matches(run, reference, tmp_path):
     import mxnet as mx
+
     from vgg_gluon.inspection import load_run_model
     _, probs, batch, classes = reference
     out = tmp_path / "export"
@@ -139,7 +140,9 @@ def test_float16_run_is_loaded_as_float32(run, reference, tmp_path):
     """A --dtype float16 run (weights saved in float16; CPUs cannot train one) predicts and exports
     in float32."""
     import shutil
+
     import mxnet as mx
+
     from vgg_gluon import checkpoint as ck
     from vgg_gluon.inspection import load_run_model
     _, probs, batch, _ = reference

@@ -66,7 +66,8 @@ def summary(run, config_path, channels, num_classes, layers, as_json, **kwargs):
       vgg-gluon summary checkpoints/<run> --json
     """
     from vgg_gluon import data as data_mod
-    from vgg_gluon.inspection import run_config, summary as make_summary
+    from vgg_gluon.inspection import run_config
+    from vgg_gluon.inspection import summary as make_summary
     flags = {k: v for k, v in _flag_settings(kwargs).items()}
     if run:
         if config_path or flags:
@@ -147,7 +148,8 @@ def export(run, out_dir, which):
       vgg-gluon export checkpoints/<run> exported/ --which last
       python exported/serve_example.py shoe.png
     """
-    from vgg_gluon.inspection import export as do_export, load_run_model
+    from vgg_gluon.inspection import export as do_export
+    from vgg_gluon.inspection import load_run_model
     model = load_run_model(Path(run), which.lower())
     files = do_export(model, Path(out_dir))
     click.echo(f"exported {model.checkpoint.path} (epoch {model.checkpoint.epoch}) to {out_dir}:")

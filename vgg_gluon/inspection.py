@@ -189,7 +189,8 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
     except UnidentifiedImageError:
         raise InspectError(f"{path}: not an image (PNG/JPEG expected)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InspectError(f"{path}: unreadable image ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InspectError(f"{path}: unreadable image ({why})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     return arr.reshape(size, size, channels)
@@ -376,7 +377,8 @@ def report_for_run(run_dir: Path, which: str = "best", data_dir: Optional[str] =
     from vgg_gluon import data as data_mod
     model = load_run_model(run_dir, which)
     cfg = model.cfg
-    dataset = data_mod.load_dataset(cfg.dataset, Path(data_dir) if data_dir else (Path(cfg.data_dir) if cfg.data_dir else None),
+    folder = data_dir or cfg.data_dir
+    dataset = data_mod.load_dataset(cfg.dataset, Path(folder) if folder else None,
                                     train_limit=cfg.train_limit, test_limit=test_limit or cfg.test_limit,
                                     val_split=cfg.val_split, seed=cfg.seed)
     return write_report(run_dir, model.net, dataset, model.prep, model.ctx,
