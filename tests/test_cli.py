@@ -142,3 +142,52 @@ def test_corrupt_checkpoint_falls_back_with_message(trained_run, cli_env, tmp_pa
     r = _invoke("evaluate", run, "--which", "last", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.splitlines()[-1])["epoch"] == 1
+
+
+def _tutorial_vgg(ratio: int, fc: int, flatten: bool = True):
+    """The seed tutorial's Gluon VGG-11 (nn.Sequential blocks in name_scope, Conv2D with relu,
+    MaxPool2D, [Flatten], Dense, Dropout, Dense, Dropout, Dense), narrowed by `ratio`."""
+    from mxnet.gluon import nn
+    net = nn.Sequential()
+    with net.name_scope():
+        for num, channels in [(1, 64), (1, 128), (2, 256), (2, 512), (2, 512)]:
+            blk = nn.Sequential()
+            with blk.name_scope():
+                for _ in range(num):
+                    blk.add(nn.Conv2D(channels // ratio, kernel_size=3, padding=1, activation="relu"))
+                blk.add(nn.MaxPool2D(pool_size=2, strides=2))
+            net.add(blk)
+        if flatten:
+            net.add(nn.Flatten())
+        net.add(nn.Dense(fc, activation="relu"), nn.Dropout(0.5), nn.Dense(fc, activation="relu"),
+                nn.Dropout(0.5), nn.Dense(10))
+    return net
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_resume_from_tutorial_params_file(tmp_path, cli_env, flatten):
+    import mxnet as mx
+    net = _tutorial_vgg(ratio=16, fc=64, flatten=flatten)
+    net.initialize(mx.init.Xavier())
+    net(mx.nd.zeros((1, 1, 32, 32)))
+    path = tmp_path / "TinyVGG11.params"
+    net.save_parameters(str(path))
+    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--arch", "vgg11", *TINY[4:],
+                "--epochs", 1, "--output-dir", tmp_path, "--name", "tut")
+    assert r.exit_code == 0, r.output
+    assert "tutorial" in r.output.lower() or "mapped" in r.output.lower(), r.output
+    cfg = (tmp_path / "tut" / "config.yaml").read_text()
+    assert "width: 0.0625" in cfg and "batch_norm: false" in cfg and "fc_units: 64" in cfg
+    assert (tmp_path / "tut" / "epoch-0001" / "MANIFEST.json").is_file()
+
+
+def test_tutorial_params_with_wrong_flags_name_first_mismatch(tmp_path, cli_env):
+    import mxnet as mx
+    net = _tutorial_vgg(ratio=16, fc=64)
+    net.initialize()
+    net(mx.nd.zeros((1, 1, 32, 32)))
+    path = tmp_path / "t.params"
+    net.save_parameters(str(path))
+    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--width", "0.25", *TINY[4:],
+                "--epochs", 1, "--output-dir", tmp_path)
+    _one_line_error(r, "t.params", "shape")

@@ -201,6 +201,8 @@ class Console:
         # without a train.log (e.g. a non-writing distributed rank) writes none.
         ctx = click.get_current_context(silent=True)
         self.json_path = ctx.params.get("log_json") if ctx is not None and log_path is not None else None
+        self._epoch_t = time.time()  # wall time per epoch (training + evaluation + save) for the ETA
+        self._epoch_walls: list = []
 
     def record(self, event: str, **fields: Any) -> None:
         """One JSON line (--log-json): {"event": "epoch", "epoch": 3, "test_acc": ..., ...}."""
@@ -217,8 +219,14 @@ class Console:
                 f.write(text + "\n")
 
     def epoch(self, row: Dict[str, Any], epochs: int, is_best: bool) -> None:
-        self.line(epoch_line(row, epochs, is_best))
-        self.record("epoch", **row, epochs=epochs, best=bool(is_best))
+        """The epoch line plus the run's ETA (mean wall time of the epochs seen x epochs left)."""
+        now = time.time()
+        self._epoch_walls.append(now - self._epoch_t)
+        self._epoch_t = now
+        left = epochs - int(row["epoch"])
+        eta = sum(self._epoch_walls) / len(self._epoch_walls) * left if left > 0 else 0.0
+        self.line(epoch_line(row, epochs, is_best) + (f"  eta {_duration(eta)}" if left > 0 else ""))
+        self.record("epoch", **row, epochs=epochs, best=bool(is_best), eta_seconds=round(eta, 1))
 
     def line(self, text: str, err: bool = False) -> None:
         if self.log_path is not None:
@@ -244,6 +252,14 @@ class Console:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1h02m', 125 -> '2m05s', 9 -> '9s'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def epoch_line(row: Dict[str, Any], epochs: int, is_best: bool) -> str:
@@ -448,7 +464,7 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
         atomic_write_text = ck.atomic_write_text
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
         console = Console(quiet, run_dir / "train.log")
-        console.line(session.foreign_report.message)
+        console.line(session.foreign_report.message, err=True)  # shown even with --quiet
         # A fresh optimizer that has already "done" start_epoch epochs, so the schedule lines up.
         session.trainer._optimizer.num_update = start_epoch * len(session.train_loader)
         _run_fit(session, run_dir, console, start_epoch=start_epoch)
