@@ -94,6 +94,9 @@ def test_log_json_file(run):
     for e in events[:2]:
         assert {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "img_per_s", "best"} <= set(e)
         assert e["epochs"] == 2
+    assert events[0]["eta_seconds"] > 0 and events[1]["eta_seconds"] == 0
+    log = [ln for ln in (run / "train.log").read_text().splitlines() if " epoch " in ln]
+    assert re.search(r"epoch   1/2 .* eta \d+s$", log[0]) and " eta " not in log[1], log
 
 
 def _age(path, seconds):
