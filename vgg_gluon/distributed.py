@@ -200,9 +200,39 @@ class DistContext:
         if getattr(cfg, "amp", False):
             from mxnet.contrib import amp
             amp.init_trainer(trainer)
+        self.init_trainer_keys(trainer)
         return trainer
 
+    def init_trainer_keys(self, trainer) -> None:
+        """Put rank 0's weights on the servers and into every worker, now.
+
+        Done here rather than lazily at the first step with the Trainer's per-parameter broadcast:
+        MXNet's dist init has rank 0 push and then everyone meet at a barrier, but for CPU arrays
+        rank 0 does not wait for its push to complete (it waits on a communication buffer that CPU
+        pushes do not use), so another worker's pull can reach the server first and abort it
+        ("init N first", seen here when resuming; cf. apache/mxnet#7893). So: init every key,
+        wait for the pushes, meet at a barrier, then pull.
+        """
+        trainer._init_kvstore()
+        params = list(trainer._params)
+        # Plain-layout copies: a CPU push sends the array's memory as it is, and after a forward
+        # pass MKLDNN may hold conv weights in its own layout (MXNet then refuses the push).
+        plain = [mx.nd.array(p.list_data()[0].asnumpy(), ctx=mx.cpu(), dtype=p.dtype) for p in params]
+        self._safe_init(list(range(len(params))), plain)
+        for i, (p, buf) in enumerate(zip(params, plain)):
+            self.kv.pull(i, out=buf, priority=-i)
+            for d in p.list_data():
+                buf.copyto(d)
+        trainer._params_to_init = []
+        mx.nd.waitall()
+
     # -- collective operations ------------------------------------------------------------------
+    def _safe_init(self, keys, values) -> None:
+        """kv.init whose value is on the servers before any worker goes on (see init_trainer_keys)."""
+        self.kv.init(keys, values)
+        mx.nd.waitall()
+        self.kv._barrier()
+
     def _allreduce(self, key: int, values):
         """Sum of `values` (NDArray on cpu) over workers (sync mode: the server stores the sum)."""
         out = mx.nd.zeros(values.shape, ctx=mx.cpu())
@@ -247,7 +277,7 @@ class DistContext:
                     self.kv.pull(i, out=p.list_data(), priority=-i)
                 else:              # async servers would treat a push as a gradient: take rank 0's
                     key = AUX_KEY_BASE + epoch * 10_000 + i
-                    self.kv.init(key, p.list_data()[0])
+                    self._safe_init(key, p.list_data()[0])
                     self.kv.pull(key, out=p.list_data())
         mx.nd.waitall()
         return metrics
@@ -272,9 +302,7 @@ def create(kvstore: str) -> DistContext:
     _ACTIVE.append(ctx)
     atexit.register(_exit_hook)
     if ctx.sync:
-        zero = mx.nd.zeros((1,), ctx=mx.cpu())
-        kv.init(STOP_KEY, zero)
-        kv.init(METRICS_KEY, mx.nd.zeros((2,), ctx=mx.cpu()))
+        ctx._safe_init([STOP_KEY, METRICS_KEY], [mx.nd.zeros((1,), ctx=mx.cpu()), mx.nd.zeros((2,), ctx=mx.cpu())])
     log.info("joined %s as worker %d of %d", kvstore, ctx.rank, ctx.num_workers)
     return ctx
 
@@ -296,7 +324,7 @@ def load_trainer_states(session, path: Path) -> None:
     if not isinstance(optimizer, mx.optimizer.Optimizer):
         raise ck.CheckpointError(f"{path}: not an MXNet optimizer state file")
     n = int(optimizer.num_update)
-    # Set before the kvstore is initialized: the first step sends this optimizer to the servers.
     trainer._optimizer.num_update = trainer._optimizer.begin_num_update = n
+    trainer._kvstore.set_optimizer(trainer._optimizer)   # the servers' copy resumes the schedule
     log.warning("dist_async resume: update count %d and LR schedule restored; momentum restarts "
                 "at zero (it lived on the parameter servers)", n)

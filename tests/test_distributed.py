@@ -1,0 +1,348 @@
+"""Distributed training (issue 6): the launcher's plan and supervision, sharding, and real
+scheduler + server + 2 workers runs on 127.0.0.1 (marked slow)."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO, run_cli
+from vgg_gluon import cli, launch
+
+TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "256",
+        "--test-limit", "64", "--log-interval", "1", "--quiet"]
+NO_NOISE = ["--no-batch-norm", "--dropout", "0", "--lr", "0.02"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the launcher's plan: environment, commands, host files, ssh
+def test_local_plan_uses_loopback_only():
+    nodes = launch.plan(2, 1, ["train", "--epochs", "1"], port=9123, launch_id="L1", threads=1)
+    assert [n.role for n in nodes] == ["scheduler", "server", "worker", "worker"]
+    for n in nodes:
+        assert n.host is None
+        assert n.env["DMLC_PS_ROOT_URI"] == n.env["DMLC_NODE_HOST"] == "127.0.0.1"
+        assert n.env["DMLC_PS_ROOT_PORT"] == "9123" and n.env["DMLC_ROLE"] == n.role
+        assert n.env["DMLC_NUM_WORKER"] == "2" and n.env["DMLC_NUM_SERVER"] == "1"
+        assert n.env["VGG_GLUON_LAUNCH_ID"] == "L1"
+    assert nodes[0].argv[1:] == ["-c", "import mxnet"]
+    assert nodes[2].argv[1:] == ["-m", "vgg_gluon", "train", "--epochs", "1", "--kvstore", "dist_sync"]
+    assert nodes[2].env["OMP_NUM_THREADS"] == "1" and "OMP_NUM_THREADS" not in nodes[1].env
+
+
+def test_worker_command_rules():
+    assert launch.worker_command(["train", "--kvstore", "dist_async"]) == ["train", "--kvstore", "dist_async"]
+    assert launch.worker_command(["train", "--kvstore=dist_device_sync"])[-1] == "--kvstore=dist_device_sync"
+    assert launch.worker_command(["resume", "runs/a"]) == ["resume", "runs/a"]  # keeps the run's kvstore
+    for bad in ([], ["evaluate", "runs/a"], ["train", "--kvstore", "device"]):
+        with pytest.raises(launch.LaunchError):
+            launch.worker_command(bad)
+
+
+def test_hostfile_plan_and_ssh_commands(tmp_path):
+    hf = tmp_path / "hosts"
+    hf.write_text("# cluster\nnode1\n\nalice@node2   # second machine\n")
+    hosts = launch.read_hostfile(hf)
+    assert hosts == ["node1", "alice@node2"]
+    nodes = launch.plan(3, 2, ["train"], port=9091, hosts=hosts, python="/opt/py/bin/python3", launch_id="X")
+    assert [(n.role, n.host) for n in nodes] == [
+        ("scheduler", "node1"), ("server", "node1"), ("server", "alice@node2"),
+        ("worker", "node1"), ("worker", "alice@node2"), ("worker", "node1")]
+    assert {n.env["DMLC_PS_ROOT_URI"] for n in nodes} == {"node1"}
+    assert nodes[4].env["DMLC_NODE_HOST"] == "node2"
+    argv = launch.ssh_argv(nodes[4], "/shared/my runs")
+    assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "-tt", "alice@node2"]
+    remote = shlex.split(argv[5])
+    assert remote[:4] == ["cd", "/shared/my runs", "&&", "exec"]
+    assert remote[4] == "env" and "DMLC_ROLE=worker" in remote and "DMLC_PS_ROOT_PORT=9091" in remote
+    assert remote[remote.index("/opt/py/bin/python3"):] == ["/opt/py/bin/python3", "-m", "vgg_gluon", "train",
+                                                            "--kvstore", "dist_sync"]
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(launch.LaunchError, match="no hosts"):
+        launch.read_hostfile(tmp_path / "empty")
+    (tmp_path / "two").write_text("a b\n")
+    with pytest.raises(launch.LaunchError, match="one host per line"):
+        launch.read_hostfile(tmp_path / "two")
+
+
+def test_launch_dry_run_and_usage_errors(tmp_path):
+    r = CliRunner().invoke(cli.main, ["launch", "-n", "2", "--port", "9200", "--dry-run", "--",
+                                      "train", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 4 and all("DMLC_PS_ROOT_URI=127.0.0.1" in line for line in lines)
+    assert lines[-1].endswith("-m vgg_gluon train --epochs 1 --kvstore dist_sync")
+    r = CliRunner().invoke(cli.main, ["launch", "-n", "2", "--", "evaluate", "x"])
+    assert r.exit_code == 2 and "give the command" in r.output
+
+
+# ------------------------------------------------------------------------------------------------
+# supervision, with stand-in processes (no MXNet): fail fast, no orphans, signals forwarded
+def _node(role, index, script):
+    return launch.Node(role, index, None, [sys.executable, "-c", script], {})
+
+
+def _gone(pid):
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+SLEEP = "import time; time.sleep(120)"
+DEAF = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+
+
+def test_one_failing_process_stops_all_within_grace():
+    nodes = [_node("scheduler", 0, SLEEP), _node("server", 0, DEAF), _node("worker", 0, DEAF),
+             _node("worker", 1, "import time, sys; time.sleep(0.5); sys.exit(7)")]
+    msgs = []
+    lch = launch.Launcher(nodes, grace=1.0, echo=msgs.append)
+    t0 = time.monotonic()
+    assert lch.run() == 7
+    assert time.monotonic() - t0 < 8
+    assert any("worker 1" in m and "code 7" in m for m in msgs)
+    assert all(_gone(p.pid) for p in lch.procs)
+
+
+def test_killed_worker_gives_nonzero_exit():
+    nodes = [_node("scheduler", 0, SLEEP), _node("server", 0, SLEEP), _node("worker", 0, SLEEP),
+             _node("worker", 1, "import os, signal, time; time.sleep(0.3); os.kill(os.getpid(), signal.SIGKILL)")]
+    lch = launch.Launcher(nodes, grace=1.0, echo=lambda m: None)
+    assert lch.run() == 128 + signal.SIGKILL
+    assert all(_gone(p.pid) for p in lch.procs)
+
+
+def test_clean_finish_and_signal_forwarding(tmp_path):
+    # Workers that finish: servers that never stop by themselves are terminated, exit 0.
+    nodes = [_node("scheduler", 0, SLEEP), _node("server", 0, SLEEP), _node("worker", 0, "pass")]
+    lch = launch.Launcher(nodes, grace=0.5, echo=lambda m: None)
+    assert lch.run() == 0 and all(_gone(p.pid) for p in lch.procs)
+    # SIGTERM to the launcher reaches the workers, which "save" and exit 143.
+    worker = ("import signal, sys, time, pathlib\n"
+              "def h(s, f):\n    pathlib.Path(sys.argv[1]).write_text('saved'); sys.exit(143)\n"
+              "signal.signal(signal.SIGTERM, h)\nprint('ready', flush=True)\ntime.sleep(120)\n")
+    script = tmp_path / "sup.py"
+    script.write_text(
+        "import sys\nfrom vgg_gluon import launch\n"
+        f"w = {worker!r}\n"
+        "nodes = [launch.Node('scheduler', 0, None, [sys.executable, '-c', 'import time; time.sleep(120)']),\n"
+        "         launch.Node('worker', 0, None, [sys.executable, '-c', w, sys.argv[1]])]\n"
+        "sys.exit(launch.Launcher(nodes, grace=1.0).run())\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    marker = tmp_path / "saved"
+    p = subprocess.Popen([sys.executable, str(script), str(marker)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 143, err
+    assert marker.read_text() == "saved"
+    pids = [int(line.split(" pid ")[1].split()[0]) for line in err.splitlines() if " pid " in line]
+    assert len(pids) == 2 and all(_gone(pid) for pid in pids)
+
+
+# ------------------------------------------------------------------------------------------------
+# sharding and configuration, in one process
+def test_shards_of_a_step_are_the_single_process_batch():
+    """Worker r's step-t images, over all r, are exactly step t of one process with the global batch."""
+    import mxnet as mx
+    from vgg_gluon.data import BatchLoader, Split
+    n, workers, local = 203, 2, 8
+    split = Split(np.zeros((n, 4, 4, 1), np.uint8), np.arange(n) % 10)
+    kw = dict(mean=(0.0,), std=(1.0,), pad_to=None, image_size=None, train=True, seed=5,
+              augment_crop_pad=2, augment_flip=True)
+    one = BatchLoader(split, local * workers, [mx.cpu()], **kw)
+    shards = [BatchLoader(split, local, [mx.cpu()], shard=(r, workers), **kw) for r in range(workers)]
+    assert all(len(s) == len(one) for s in shards)
+    for epoch in (1, 2):
+        idx1, off1, flip1 = one._plan(epoch)
+        plans = [s._plan(epoch) for s in shards]
+        for t in range(len(one)):
+            batch = slice(t * local * workers, (t + 1) * local * workers)
+            got = np.concatenate([p[0][t * local:(t + 1) * local] for p in plans])
+            assert sorted(got) == sorted(idx1[batch])
+            # Same crop offsets and flips for each image, whichever worker draws it.
+            where = {i: k for k, i in enumerate(idx1)}
+            for p in plans:
+                for k, i in enumerate(p[0][t * local:(t + 1) * local]):
+                    j = where[i]
+                    assert (p[1][t * local + k] == off1[j]).all() and p[2][t * local + k] == flip1[j]
+
+
+def test_batch_split_and_environment_checks():
+    from vgg_gluon import distributed
+    assert distributed.local_batch_size(128, 4) == 32
+    with pytest.raises(distributed.DistError, match="multiple of 3"):
+        distributed.local_batch_size(128, 3)
+    with pytest.raises(distributed.DistError, match="fewer than its 2 devices"):
+        distributed.local_batch_size(2, 2, num_devices=2)
+    with pytest.raises(distributed.DistError, match="vgg-gluon launch"):
+        distributed.check_environment("dist_sync", env={})
+    with pytest.raises(distributed.DistError, match="pass --kvstore dist_sync"):
+        distributed.check_environment("device", env={"DMLC_ROLE": "worker"})
+    assert distributed.wanted("device", env={"DMLC_ROLE": "worker"})
+    assert not distributed.wanted("device", env={})
+
+
+def test_dist_kvstore_without_launcher_is_one_line(tmp_path, cli_env, monkeypatch):
+    for v in launch_env_vars():
+        monkeypatch.delenv(v, raising=False)
+    r = CliRunner().invoke(cli.main, ["train", *TINY, "--kvstore", "dist_sync", "--name", "x",
+                                      "--output-dir", str(tmp_path)])
+    assert r.exit_code == 1 and "vgg-gluon launch" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(cli.main, ["train", *TINY, "--kvstore", "dist_sync", "--output-dir", str(tmp_path)])
+    assert r.exit_code == 1 and "--name" in r.output
+
+
+def launch_env_vars():
+    from vgg_gluon.distributed import DMLC_VARS
+    return (*DMLC_VARS, "VGG_GLUON_LAUNCH_ID")
+
+
+# ------------------------------------------------------------------------------------------------
+# real runs: 1 scheduler + 1 server + 2 workers on 127.0.0.1
+def _launch_args(*args, grace=3):
+    return ["launch", "-n", "2", "--grace", str(grace), "--", *map(str, args)]
+
+
+def _load(path):
+    import mxnet as mx
+    return {k: v.asnumpy() for k, v in mx.nd.load(str(path)).items()}
+
+
+@pytest.mark.slow
+def test_two_workers_equal_each_other_and_one_process(tmp_path, tiny_data_dir):
+    env = {"VGG_GLUON_DATA_DIR": str(tiny_data_dir), "VGG_GLUON_DIST_DUMP": str(tmp_path / "dump")}
+    common = [*TINY, *NO_NOISE, "--epochs", 1, "--output-dir", tmp_path]
+    r = run_cli(*_launch_args("train", *common, "--name", "dist"), env_extra=env, timeout=300)
+    run_cli("train", *common, "--ctx", "cpu:0", "--name", "one", env_extra=env, timeout=300)
+    w0, w1 = _load(tmp_path / "dump" / "worker-0.params"), _load(tmp_path / "dump" / "worker-1.params")
+    ckpt = _load(tmp_path / "dist" / "epoch-0001" / "model.params")
+    one = _load(tmp_path / "one" / "epoch-0001" / "model.params")
+    assert set(w0) == set(one)
+    for k in w0:
+        assert np.array_equal(w0[k], w1[k]), k           # workers hold identical weights
+        assert np.array_equal(w0[k], ckpt[k]), k         # rank 0 committed them
+        # the two shards of every step are one single-process step of the global batch
+        np.testing.assert_allclose(w0[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    rows = [json.loads((tmp_path / "dump" / f"worker-{i}.json").read_text())["rows"] for i in (0, 1)]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert rows[0][0][key] == rows[1][0][key], key  # same numbers on every worker
+    hist = (tmp_path / "one" / "history.csv").read_text().splitlines()[1].split(",")
+    assert rows[0][0]["test_acc"] == pytest.approx(float(hist[4]), abs=1e-6)
+    # only rank 0 wrote: one train.log, progress-free, in the shared run folder
+    assert "worker 0 pid" in r.stderr and "worker 1 pid" in r.stderr
+    meta = json.loads((tmp_path / "dist" / "epoch-0001" / "meta.json").read_text())
+    assert meta["config"]["kvstore"] == "dist_sync" and meta["num_update"] == 4
+
+
+def _start_launch(tmp_path, data_dir, *args, env_extra=None):
+    env = dict(os.environ, VGG_GLUON_DATA_DIR=str(data_dir), PYTHONPATH=str(REPO), **(env_extra or {}))
+    err = open(tmp_path / "launch.err", "w+")
+    p = subprocess.Popen([sys.executable, "-m", "vgg_gluon", *_launch_args(*args)], env=env,
+                         stdout=subprocess.DEVNULL, stderr=err, cwd=str(REPO), start_new_session=True)
+    return p, err
+
+
+def _pids(err_file, n=4, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        err_file.seek(0)
+        found = {line.split(" pid ")[0].replace("launch: ", ""): int(line.split(" pid ")[1].split()[0])
+                 for line in err_file.read().splitlines() if " pid " in line}
+        if len(found) >= n:
+            return found
+        time.sleep(0.1)
+    raise AssertionError("launcher did not start its processes")
+
+
+def _wait_for(path, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        time.sleep(0.1)
+    assert path.exists(), f"{path} never appeared"
+
+
+def _no_process_left(pids):
+    """No process of the launched process groups is alive (zombies excepted)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        assert not (pgrp in pids and state != "Z"), f"process {stat.parent.name} of group {pgrp} still alive"
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_fast_keeps_checkpoint_and_resume_works(tmp_path, tiny_data_dir):
+    from vgg_gluon import checkpoint as ck
+    run = tmp_path / "k"
+    args = ["train", *TINY, "--batch-size", 16, "--epochs", 60, "--output-dir", tmp_path, "--name", "k"]
+    p, err = _start_launch(tmp_path, tiny_data_dir, *args)
+    try:
+        pids = _pids(err)
+        _wait_for(run / "last.json")
+        time.sleep(0.7)
+        os.kill(pids["worker 1"], signal.SIGKILL)
+        t0 = time.time()
+        rc = p.wait(timeout=60)
+        elapsed = time.time() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err.seek(0)
+    log = err.read()
+    assert rc != 0, log
+    assert elapsed < 3 + 15, elapsed          # grace 3 s + SIGKILL + reaping
+    assert "worker 1" in log and "stopping the others" in log
+    _no_process_left(set(pids.values()))
+    c = ck.select_checkpoint(run, "last")       # the pointer's target verifies against its manifest
+    ck.verify(c)
+    done = c.epoch
+    assert done >= 1 and done < 60
+    # Every worker loads the same committed checkpoint and training goes on.
+    dump = tmp_path / "dump"
+    r = run_cli(*_launch_args("resume", run, "--epochs", done + 1), timeout=300,
+                env_extra={"VGG_GLUON_DATA_DIR": str(tiny_data_dir), "VGG_GLUON_DIST_DUMP": str(dump)})
+    assert "resuming" in (run / "train.log").read_text()
+    assert json.loads((run / "last.json").read_text())["epoch"] == done + 1, r.stderr
+    # With BatchNorm: running statistics averaged at the epoch end, so workers still agree exactly.
+    w0, w1 = _load(dump / "worker-0.params"), _load(dump / "worker-1.params")
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+    rows = [json.loads((dump / f"worker-{i}.json").read_text())["rows"] for i in (0, 1)]
+    assert rows[0][-1]["test_acc"] == rows[1][-1]["test_acc"]
+    assert rows[0][-1]["test_loss"] == rows[1][-1]["test_loss"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_forwarded_and_workers_stop_together(tmp_path, tiny_data_dir):
+    from vgg_gluon import checkpoint as ck
+    run = tmp_path / "c"
+    args = ["train", *TINY, "--batch-size", 16, "--epochs", 60, "--output-dir", tmp_path, "--name", "c"]
+    p, err = _start_launch(tmp_path, tiny_data_dir, *args)
+    try:
+        pids = _pids(err)
+        _wait_for(run / "last.json")
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err.seek(0)
+    log = err.read()
+    assert rc == 130, log
+    assert "stopping the others" not in log     # a stop, not a failure
+    _no_process_left(set(pids.values()))
+    c = ck.select_checkpoint(run, "last")
+    ck.verify(c)
+    assert c.step > 0 or c.epoch >= 1
