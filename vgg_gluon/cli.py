@@ -642,9 +642,5 @@ from vgg_gluon.launch import launch_cmd  # noqa: E402  (no mxnet import: the lau
 
 main.add_command(launch_cmd)
 
-from vgg_gluon.launch import launch_cmd  # noqa: E402  (no mxnet import: the launcher stays light)
-
-main.add_command(launch_cmd)
-
 if __name__ == "__main__":
     main()

@@ -245,7 +245,6 @@ class Session:
     loss_fn: Any = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     dist: Any = None                 # distributed.DistContext with a dist_* kvstore, else None
-    dist: Any = None                 # distributed.DistContext with a dist_* kvstore, else None
 
     @property
     def num_classes(self) -> int:
@@ -274,8 +273,6 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         from vgg_gluon.config import ConfigError
         raise ConfigError(f"batch size {cfg.batch_size} is smaller than the number of devices ({len(ctx_list)})")
     seed_everything(cfg.seed)
-    from vgg_gluon import distributed  # a dist kvstore joins the parameter server: rank, workers
-    dist = distributed.create(cfg.kvstore) if train and distributed.wanted(cfg.kvstore) else None
     from vgg_gluon import distributed  # a dist kvstore joins the parameter server: rank, workers
     dist = distributed.create(cfg.kvstore) if train and distributed.wanted(cfg.kvstore) else None
     if cfg.amp:
@@ -324,9 +321,6 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         # Materialize deferred shapes on every context before the Trainer sees the parameters.
         net(mx.nd.zeros((1,) + tuple(shape), ctx=ctx_list[0], dtype=input_dtype(net)))
         if dist is not None:
-            s.trainer = dist.make_trainer(net, cfg, len(s.train_loader))
-        else:
-            if dist is not None:
             s.trainer = dist.make_trainer(net, cfg, len(s.train_loader))
         else:
             s.trainer = make_trainer(net, cfg, len(s.train_loader))
