@@ -66,13 +66,14 @@ def summary(run, config_path, channels, num_classes, layers, as_json, **kwargs):
       vgg-gluon summary checkpoints/<run> --json
     """
     from vgg_gluon import data as data_mod
-    from vgg_gluon.inspection import run_config
+    from vgg_gluon.inspection import run_config, run_num_classes
     from vgg_gluon.inspection import summary as make_summary
     flags = {k: v for k, v in _flag_settings(kwargs).items()}
     if run:
         if config_path or flags:
             raise click.UsageError("a run folder brings its own settings: give either RUN or spec flags")
         cfg = run_config(Path(run))
+        num_classes = num_classes or run_num_classes(Path(run))
     else:
         cfg = resolve_config(config_path, flags)
     shape = data_mod.input_shape(cfg.dataset, cfg.image_size)

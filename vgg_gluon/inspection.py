@@ -75,6 +75,16 @@ def run_config(run_dir: Path) -> RunConfig:
         raise
 
 
+def run_num_classes(run_dir: Path) -> Optional[int]:
+    """Number of classes a run was trained on (an image folder may have any number), if recorded."""
+    from vgg_gluon import checkpoint as ck
+    try:
+        classes = ck.select_checkpoint(Path(run_dir), "last").meta().get("preprocessing", {}).get("classes")
+    except ck.CheckpointError:
+        return None
+    return len(classes) if classes else None
+
+
 def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
     """Build the run's network and load the weights of its `which` (best|last) checkpoint."""
     from vgg_gluon import checkpoint as ck
