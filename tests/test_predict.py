@@ -163,3 +163,54 @@ def test_float16_run_is_loaded_as_float32(run, reference, tmp_path):
     got = mx.nd.softmax(model.net(mx.nd.array(batch)), axis=1).asnumpy()
     np.testing.assert_allclose(got, probs, atol=2e-2)
     assert _invoke("export", copy, tmp_path / "exp").exit_code == 0
+
+
+def test_to_input_pads_or_resizes_like_training():
+    import mxnet as mx
+
+    from vgg_gluon.inspection import to_input
+    img = np.random.default_rng(0).integers(0, 255, (2, 28, 28, 1)).astype(np.uint8)
+    prep = {"mean": [70.0], "std": [90.0], "pad_to": 32, "image_size": None}
+    x = to_input(img, prep, mx.cpu()).asnumpy()
+    assert x.shape == (2, 1, 32, 32)
+    np.testing.assert_allclose(x[:, :, 0, :], -70.0 / 90.0, rtol=1e-6)       # zero padding, normalized
+    np.testing.assert_allclose(x[:, 0, 2:30, 2:30], (img[..., 0] - 70.0) / 90.0, rtol=1e-5, atol=1e-6)
+    assert to_input(img, dict(prep, image_size=96), mx.cpu()).shape == (2, 1, 96, 96)
+
+
+def test_rgb_run_with_image_size_and_three_classes(tmp_path, monkeypatch):
+    """An image-folder 'cifar10' run (RGB, 3 classes, --image-size 40): predict == training pipeline."""
+    from conftest import make_patterns
+
+    from vgg_gluon import checkpoint as ck
+    from vgg_gluon import engine
+    from vgg_gluon.config import RunConfig
+    data = tmp_path / "data"
+    for split, n, seed in (("train", 96, 1), ("test", 12, 2)):
+        imgs, labels = make_patterns(n, seed, size=32, channels=3)
+        for i, (im, lab) in enumerate(zip(imgs, labels % 3)):
+            d = data / "cifar10" / split / f"class{lab}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im, "RGB").save(d / f"{i}.png")
+    monkeypatch.setenv("VGG_GLUON_DATA_DIR", str(data))
+    r = _invoke("train", "--dataset", "cifar10", "--width", "0.0625", "--fc-units", "16", "--batch-size", "32",
+                "--image-size", "40", "--epochs", "1", "--quiet", "--output-dir", tmp_path, "--name", "rgb")
+    assert r.exit_code == 0, r.output + r.stderr
+    run = tmp_path / "rgb"
+    c = ck.select_checkpoint(run, "best")
+    cfg = RunConfig.from_dict(c.meta()["config"]).update({"ctx": "cpu"})
+    s = engine.build_session(cfg, train=False, params_source=c)
+    data_batch, _ = next(s.eval_loader.epoch(0))
+    assert data_batch[0].shape[1:] == (3, 40, 40)
+    probs = engine.mx.nd.softmax(s.net(data_batch[0]), axis=1).asnumpy()
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"t{i}.png")
+        Image.fromarray(s.dataset.test.images[i], "RGB").save(files[-1])
+    out = json.loads(_invoke("predict", run, *files, "--json", "--top-k", 5).output)
+    for i, pred in enumerate(out["predictions"]):
+        assert len(pred["top"]) == 3  # only 3 classes
+        assert pred["top"][0]["class"] == s.dataset.classes[int(np.argmax(probs[i]))]
+        np.testing.assert_allclose(pred["top"][0]["probability"], probs[i].max(), rtol=1e-4)
+    summary = json.loads(_invoke("summary", run, "--json").output)
+    assert summary["input_shape"] == [1, 3, 40, 40] and summary["rows"][-1]["output_shape"] == [1, 3]
