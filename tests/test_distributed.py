@@ -346,3 +346,23 @@ def test_ctrl_c_is_forwarded_and_workers_stop_together(tmp_path, tiny_data_dir):
     c = ck.select_checkpoint(run, "last")
     ck.verify(c)
     assert c.step > 0 or c.epoch >= 1
+
+
+@pytest.mark.slow
+def test_dist_async_workers_agree_at_epoch_ends_and_resume_keeps_the_schedule(tmp_path, tiny_data_dir):
+    """dist_async: updates happen on the server as pushes arrive; at each epoch end the workers
+    pull the servers' weights (and rank 0's BN statistics), so they evaluate the same model.
+    Resume restores the update count (LR schedule); momentum lived on the servers."""
+    dump = tmp_path / "dump"
+    env = {"VGG_GLUON_DATA_DIR": str(tiny_data_dir), "VGG_GLUON_DIST_DUMP": str(dump)}
+    run = tmp_path / "a"
+    run_cli(*_launch_args("train", *TINY, "--kvstore", "dist_async", "--epochs", 1, "--output-dir", tmp_path,
+                          "--name", "a"), env_extra=env, timeout=300)
+    w0, w1 = _load(dump / "worker-0.params"), _load(dump / "worker-1.params")
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+    rows = [json.loads((dump / f"worker-{i}.json").read_text())["rows"] for i in (0, 1)]
+    assert rows[0][0]["test_acc"] == rows[1][0]["test_acc"]
+    meta = json.loads((run / "epoch-0001" / "meta.json").read_text())
+    assert meta["num_update"] == 8      # 4 steps per worker x 2 workers, each push one update
+    run_cli(*_launch_args("resume", run, "--epochs", 2), env_extra=env, timeout=300)
+    assert json.loads((run / "epoch-0002" / "meta.json").read_text())["num_update"] == 16

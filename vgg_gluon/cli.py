@@ -373,7 +373,7 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
     if dist is not None:
         from vgg_gluon import distributed
         dist.dump_for_tests(session.net, rows)
-        distributed.note_outcome(result.status)
+        distributed.note_outcome(result.status, session)
     if result.status == "finished":
         if dist is None or dist.is_writer:
             from vgg_gluon.inspection import report_after_training_safely

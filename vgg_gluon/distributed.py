@@ -114,12 +114,19 @@ _EXIT = _ExitState()
 _ACTIVE: list = []   # keeps the KVStore alive until interpreter teardown (after our atexit hook)
 
 
-def note_outcome(status: str) -> None:
+def note_outcome(status: str, session=None) -> None:
     """Record how fit() ended. 'finished' and 'stopped' exits go through MXNet's barrier at exit
-    (rank 0 then stops the servers); anything else leaves with os._exit so no worker hangs."""
+    (rank 0 then stops the servers); anything else leaves with os._exit so no worker hangs.
+
+    Training is over: the network's parameters are detached from the Trainer, so later loads into
+    the same network (the end-of-run report) do not try to reset the dist kvstore (MXNet refuses).
+    """
     from vgg_gluon.cli import EXIT_NONFINITE
     _EXIT.clean = status in ("finished", "stopped")
     _EXIT.code = EXIT_NONFINITE if status == "nonfinite" else 1
+    if session is not None:
+        for p in session.net.collect_params().values():
+            p._trainer = None
 
 
 def _exit_hook() -> None:
@@ -170,6 +177,22 @@ class DistTrainer(gluon.Trainer):
             f.write(pickle.dumps(({}, self._optimizer)))
 
 
+def mxnet_lr_scheduler(cfg: RunConfig, iters_per_epoch: int):
+    """The run's schedule with MXNet's own classes, for dist_async, whose servers unpickle the
+    optimizer while `import mxnet` is still running (gluoncv, which our usual schedule comes from,
+    cannot be imported there). Same shapes: linear warmup, then constant / step / cosine."""
+    total = max(1, int(cfg.epochs * iters_per_epoch))
+    warm = int(cfg.warmup_epochs * iters_per_epoch)
+    common = dict(base_lr=cfg.lr, warmup_steps=warm, warmup_begin_lr=0.0)
+    if cfg.lr_schedule == "cosine":
+        return mx.lr_scheduler.CosineScheduler(max(total, warm + 1), final_lr=0.0, **common)
+    steps = [int(e * iters_per_epoch) for e in cfg.lr_steps if e * iters_per_epoch > warm] \
+        if cfg.lr_schedule == "step" else []
+    if steps:
+        return mx.lr_scheduler.MultiFactorScheduler(steps, factor=cfg.lr_factor, **common)
+    return mx.lr_scheduler.MultiFactorScheduler([total * 10], factor=1.0, **common)  # constant
+
+
 @dataclass
 class DistContext:
     kv: Any
@@ -190,7 +213,8 @@ class DistContext:
         from vgg_gluon.engine import make_lr_scheduler
         # async: the servers count one update per worker push.
         iters = steps_per_epoch * (1 if self.sync else self.num_workers)
-        opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": make_lr_scheduler(cfg, iters)}
+        schedule = make_lr_scheduler(cfg, iters) if self.sync else mxnet_lr_scheduler(cfg, iters)
+        opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": schedule}
         if cfg.optimizer in ("sgd", "nag"):
             opt_params["momentum"] = cfg.momentum
         if getattr(cfg, "dtype", "float32") == "float16":
@@ -200,6 +224,10 @@ class DistContext:
         if getattr(cfg, "amp", False):
             from mxnet.contrib import amp
             amp.init_trainer(trainer)
+        if not self.sync:
+            # The servers get the optimizer now, with the gradient scale of every later step
+            # (MXNet refuses a different scale afterwards in this mode).
+            trainer._optimizer.rescale_grad = trainer._scale / (cfg.batch_size // self.num_workers)
         self.init_trainer_keys(trainer)
         return trainer
 
