@@ -4,6 +4,9 @@ import json
 import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from vgg_gluon import cli
+from vgg_gluon.runs import MARKER
 
 TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
         "--test-limit", "64", "--quiet"]
@@ -48,6 +52,7 @@ def _check_png(path, min_w, min_h):
 
 
 def test_training_writes_the_report(run):
+    assert not (run / MARKER).exists()
     for name, (w, h) in {"curves.png": (800, 250), "confusion.png": (400, 400), "mistakes.png": (300, 150)}.items():
         _check_png(run / name, w, h)
     md = (run / "report.md").read_text()
@@ -119,22 +124,34 @@ def test_runs_lists_states_newest_first(run, tmp_path):
     shutil.copytree(run, crashed)
     (crashed / "config.yaml").write_text((crashed / "config.yaml").read_text().replace("epochs: 2", "epochs: 5"))
     (crashed / ".tmp-epoch-0003-999").mkdir()
-    # no clean end and not touched for an hour: crashed; touched just now: running
+    # no clean end, no training process: crashed; the training process (marker) alive: running;
+    # the marker's process gone (SIGKILL, OOM): crashed
     quiet = parent / "quiet"
     shutil.copytree(run, quiet)
     (quiet / "config.yaml").write_text((quiet / "config.yaml").read_text().replace("epochs: 2", "epochs: 5"))
-    busy = parent / "busy"
+    busy, killed = parent / "busy", parent / "killed"
     shutil.copytree(quiet, busy)
-    (parent / "not-a-run").mkdir()
-    for i, p in enumerate([quiet, crashed, stopped, parent / "finished"]):
-        _age(p, 3600 * (4 - i))
-    r = _invoke("runs", "--dir", parent, "--json")
+    shutil.copytree(quiet, killed)
+    trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)  # vgg_gluon train"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for folder, pid in ((busy, trainer.pid), (killed, dead.pid)):
+            (folder / MARKER).write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))
+        (parent / "not-a-run").mkdir()
+        for i, p in enumerate([killed, quiet, crashed, stopped, parent / "finished"]):
+            _age(p, 3600 * (5 - i))
+        r = _invoke("runs", "--dir", parent, "--json")
+    finally:
+        trainer.kill()
+        trainer.wait()
     assert r.exit_code == 0, r.output + r.stderr
     rows = json.loads(r.output)
-    assert [x["name"] for x in rows] == ["busy", "finished", "stopped", "crashed", "quiet"]
+    assert [x["name"] for x in rows] == ["busy", "finished", "stopped", "crashed", "quiet", "killed"]
     state = {x["name"]: x["state"] for x in rows}
     assert state == {"busy": "running", "finished": "finished", "stopped": "stopped", "crashed": "crashed",
-                     "quiet": "crashed"}
+                     "quiet": "crashed", "killed": "crashed"}
+    assert "is gone" in rows[-1]["note"] and ".tmp-" in rows[3]["note"]
     fin = rows[1]
     assert fin["dataset"] == "fashion-mnist" and fin["arch"] == "vgg11"
     assert fin["epochs_done"] == 2 and fin["epochs_planned"] == 2
@@ -142,8 +159,8 @@ def test_runs_lists_states_newest_first(run, tmp_path):
     text = _invoke("runs", "--dir", parent)
     assert text.exit_code == 0
     lines = text.output.splitlines()
-    assert lines[0].split()[:3] == ["run", "dataset", "architecture"] and len(lines) == 6
-    assert "2/2" in lines[2] and "finished" in lines[2] and "vgg11 x0.0625 +BN" in lines[2]
+    assert lines[0].split()[:3] == ["run", "dataset", "architecture"]
+    assert len(lines) == 7 and "2/2" in lines[2] and "finished" in lines[2] and "vgg11 x0.0625 +BN" in lines[2]
     assert _invoke("runs", "--dir", tmp_path / "none").output.startswith("no run folders")
 
 
@@ -175,3 +192,22 @@ def test_progress_bar_shows_eta(monkeypatch):
     out = buf.getvalue()
     assert re.search(r"40/100 \[\d\d:\d\d<\d\d:\d\d", out), out   # elapsed<remaining
     assert "loss 0.4000" in out and "img/s" in out
+
+
+def test_training_crash_is_logged_and_listed(cli_env, tmp_path, monkeypatch):
+    from vgg_gluon import engine
+
+    seen = []
+
+    def boom(*a, **k):
+        marker = json.loads((tmp_path / "c" / MARKER).read_text())  # written while training
+        seen.append(marker["pid"] == os.getpid() and marker["host"] == socket.gethostname())
+        raise RuntimeError("device fell off the bus")
+    monkeypatch.setattr(engine, "train_one_epoch", boom)
+    r = _invoke("train", *TINY, "--epochs", 1, "--output-dir", tmp_path, "--name", "c")
+    assert r.exit_code == 1 and seen == [True]
+    run = tmp_path / "c"
+    assert not (run / MARKER).exists()  # removed however training ends (but a kill)
+    assert "Error: training crashed: RuntimeError: device fell off the bus" in (run / "train.log").read_text()
+    rows = json.loads(_invoke("runs", "--dir", tmp_path, "--json").output)
+    assert rows[0]["state"] == "crashed" and "device fell off the bus" in rows[0]["note"]

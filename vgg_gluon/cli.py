@@ -350,6 +350,7 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
              best_acc: float = -1.0) -> None:
     """Train, print, and exit with the code that says how it ended."""
     from vgg_gluon import engine
+    from vgg_gluon.runs import RunMarker
     from vgg_gluon.runtime import ctx_string
     cfg = session.cfg
     dist, rows = getattr(session, "dist", None), []
@@ -363,7 +364,8 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                  f"{len(session.dataset.test.labels)} test), {cfg.arch} width {cfg.width:g}"
                  f"{' +BN' if cfg.batch_norm else ''}, input {tuple(session.input_shape)}, "
                  f"ctx {ctx_string(session.ctx_list)}, epochs {start_epoch + 1}..{cfg.epochs}")
-    with StopFlag(console) as stop:
+    # RunMarker: RUN/.running.json while training (`vgg-gluon runs` tells running from crashed)
+    with StopFlag(console) as stop, RunMarker(run_dir, active=dist is None or dist.is_writer):
         result = engine.fit(session, run_dir, start_epoch=start_epoch, partial=partial, best_acc=best_acc,
                             on_progress=console.progress, on_epoch=on_epoch,
                             should_stop=dist.stop_checker(stop) if dist else stop,

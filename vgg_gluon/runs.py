@@ -5,22 +5,83 @@ State of a run, derived from its files:
 * finished -- the last checkpoint ends the planned last epoch;
 * stopped  -- the last checkpoint is a mid-epoch one (Ctrl-C / SIGTERM), or train.log ends with a
   "stopped ..." line;
-* running  -- none of the above and a file changed in the last few minutes (training in progress);
-* crashed  -- none of the above: an interrupted save (a ``.tmp-`` leftover), a NaN stop, or no
-  clean end at all.
+* running  -- none of the above and the training process named in ``RUN/.running.json`` is alive
+  (for a run trained on another host: a file changed in the last 10 minutes);
+* crashed  -- none of the above: the training process died (killed, out of memory, an error: the
+  error is the last line of train.log), an interrupted save (a ``.tmp-`` leftover), a NaN stop, or
+  no clean end at all.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from vgg_gluon import report
-from vgg_gluon.checkpoint import CKPT_RE, TMP_PREFIX
+from vgg_gluon.checkpoint import CKPT_RE, TMP_PREFIX, atomic_write_text
 
-#: A run whose files changed this recently, and is neither finished nor stopped, counts as running.
+log = logging.getLogger(__name__)
+
+#: Without a usable marker, a run whose files changed this recently counts as running.
 RUNNING_WINDOW_S = 600
+#: Written by training while it runs (pid and host), removed when it ends in any way but a kill.
+MARKER = ".running.json"
+
+
+class RunMarker:
+    """Context manager around training: RUN/.running.json while the process trains. If training
+    raises, the error is appended to train.log (so `runs` and a reader of the log see why it ended).
+    Never raises itself."""
+
+    def __init__(self, run_dir: Path, active: bool = True):
+        self.path = Path(run_dir) / MARKER
+        self.active = active
+
+    def __enter__(self) -> "RunMarker":
+        if self.active:
+            try:
+                atomic_write_text(self.path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+            except OSError as exc:
+                log.debug("cannot write %s: %s", self.path, exc)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.active:
+            return False
+        if exc is not None and not isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            try:
+                with open(self.path.parent / "train.log", "a", encoding="utf-8") as f:
+                    f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + f"Error: training crashed: "
+                            f"{type(exc).__name__}: {first}\n")
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    """Is `pid` a live process of this host that looks like vgg-gluon (guards against pid reuse)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    except OSError:
+        return False
+    try:
+        return b"vgg" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # no /proc (not Linux) or not readable: the pid exists, trust it
+        return True
 
 
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
@@ -75,20 +136,28 @@ def describe_run(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
     leftovers = [p.name for p in entries if p.name.startswith(TMP_PREFIX)]
     log_end = _last_log_line(run_dir)
     body = log_end[20:] if len(log_end) > 20 and log_end[:4].isdigit() else log_end  # drop the timestamp
+    marker = _read_json(run_dir / MARKER)
+    alive: Optional[bool] = None  # None: unknown (no marker, or trained on another host)
+    if marker and isinstance(marker.get("pid"), int) and marker.get("host") == socket.gethostname():
+        alive = _pid_alive(marker["pid"])
     note = ""
-    if planned is not None and done >= int(planned) and step == 0 and not leftovers:
+    if alive:
+        state = "running"
+    elif planned is not None and done >= int(planned) and step == 0 and not leftovers:
         state = "finished"
     elif step > 0 or body.startswith("stopped") or "finishing this step and saving" in body:
         state = "stopped"
         note = f"inside epoch {done + 1} at step {step}" if step else ""
-    elif not leftovers and now - updated < RUNNING_WINDOW_S and not body.startswith("Error"):
-        state = "running"
+    elif alive is None and marker and not leftovers and now - updated < RUNNING_WINDOW_S:
+        state = "running"  # on another host, still writing
     else:
         state = "crashed"
-        if leftovers:
-            note = "interrupted save (.tmp- leftover)"
-        elif body.startswith("Error"):
+        if body.startswith("Error"):
             note = body[len("Error: "):][:120]
+        elif alive is False:
+            note = f"process {marker['pid']} is gone (killed?)"
+        elif leftovers:
+            note = "interrupted save (.tmp- leftover)"
         else:
             note = "no clean end in train.log"
     return {
