@@ -68,7 +68,7 @@ def summary(run, config_path, channels, num_classes, layers, as_json, **kwargs):
     from vgg_gluon import data as data_mod
     from vgg_gluon.inspection import run_config, run_num_classes
     from vgg_gluon.inspection import summary as make_summary
-    flags = {k: v for k, v in _flag_settings(kwargs).items()}
+    flags = _flag_settings(kwargs)
     if run:
         if config_path or flags:
             raise click.UsageError("a run folder brings its own settings: give either RUN or spec flags")

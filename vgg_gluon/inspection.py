@@ -263,7 +263,7 @@ def export(model: RunModel, out_dir: Path) -> Dict[str, Path]:
     from vgg_gluon.engine import mx
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    c, s, _ = model.input_shape[0], model.input_shape[1], model.input_shape[2]
+    c, s = model.input_shape[0], model.input_shape[1]  # (C, S, S)
     model.net.hybridize()
     model.net(mx.nd.zeros((1,) + model.input_shape, ctx=model.ctx))
     model.net.export(str(out_dir / EXPORT_PREFIX), epoch=0)
