@@ -208,6 +208,54 @@ def launch_env_vars():
     return (*DMLC_VARS, "VGG_GLUON_LAUNCH_ID")
 
 
+def test_two_devices_with_batch_norm_equal_one_device_fed_the_same_halves():
+    """Requirement 1 with BatchNorm: a device normalizes its own slice of the batch, so two devices
+    equal one device that runs the two halves as separate forward passes (same gradients, same
+    weights); the running statistics differ per device until average_device_copies (epoch end)."""
+    import mxnet as mx
+    from mxnet import autograd, gluon
+    from vgg_gluon import models
+    from vgg_gluon.distributed import average_device_copies
+    ctx2 = [mx.cpu(0), mx.cpu(1)]
+
+    def build(ctxs):
+        net = models.build_vgg("vgg11", 10, width=0.0625, batch_norm=True, fc_units=32, dropout=0.0)
+        models.initialize(net, ctxs, seed=3)
+        net(mx.nd.zeros((2, 1, 32, 32), ctx=ctxs[0]))
+        return net, gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1, "momentum": 0.9},
+                                  kvstore="device")
+    (one, t1), (two, t2) = build([mx.cpu(0)]), build(ctx2)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = mx.nd.array(rng.normal(size=(64, 1, 32, 32)))
+        y = mx.nd.array(rng.integers(0, 10, 64))
+        halves = [(x[:32], y[:32]), (x[32:], y[32:])]
+        with autograd.record():
+            losses = [loss_fn(one(a), b) for a, b in halves]
+        autograd.backward(losses)
+        t1.step(64)
+        with autograd.record():
+            losses = [loss_fn(two(a.as_in_context(c)), b.as_in_context(c)) for (a, b), c in zip(halves, ctx2)]
+        autograd.backward(losses)
+        t2.step(64)
+    # Same architecture, different name prefixes (vgg0_, vgg1_): pair the parameters by position.
+    p1 = dict(zip(two.collect_params().keys(), one.collect_params().values()))
+    p2 = two.collect_params()
+    stats = [k for k, p in p2.items() if p.grad_req == "null"]
+    for k, p in p2.items():
+        if p.grad_req != "null":
+            np.testing.assert_allclose(p1[k].data().asnumpy(), p.data(ctx2[0]).asnumpy(), rtol=1e-4, atol=1e-6,
+                                       err_msg=k)
+            assert np.array_equal(p.data(ctx2[0]).asnumpy(), p.data(ctx2[1]).asnumpy()), k
+    assert any(not np.allclose(p2[k].data(ctx2[0]).asnumpy(), p2[k].data(ctx2[1]).asnumpy()) for k in stats)
+    expected = {k: (p2[k].data(ctx2[0]).asnumpy() + p2[k].data(ctx2[1]).asnumpy()) / 2 for k in stats}
+    average_device_copies(two)
+    for k in stats:
+        for c in ctx2:
+            np.testing.assert_allclose(p2[k].data(c).asnumpy(), expected[k], rtol=1e-6, err_msg=k)
+
+
 # ------------------------------------------------------------------------------------------------
 # real runs: 1 scheduler + 1 server + 2 workers on 127.0.0.1
 def _launch_args(*args, grace=3):

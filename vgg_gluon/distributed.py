@@ -102,6 +102,21 @@ def default_run_name(cfg: RunConfig, env=None) -> str:
     return f"{cfg.dataset}-{cfg.arch}-{launch_id}"
 
 
+def average_device_copies(net) -> None:
+    """Several devices in one process: BatchNorm's running statistics are not gradients, so the
+    kvstore never reconciles them and each device keeps the statistics of its own slices. Replace
+    them by their mean on every device (at each epoch end), so evaluation does not depend on which
+    device a sample lands on and the checkpoint (device 0's copy) holds all of them."""
+    import mxnet as mx
+    for p in net.collect_params().values():
+        copies = p.list_data() if p.grad_req == "null" else []
+        if len(copies) > 1:
+            first = copies[0].context
+            mean = mx.nd.add_n(*[c.as_in_context(first) for c in copies]) / len(copies)
+            for c in copies:
+                mean.copyto(c)
+
+
 # ------------------------------------------------------------------------------------------------
 # process exit: a failed worker must exit now, not wait at MXNet's exit barrier for its peers
 @dataclass

@@ -332,8 +332,12 @@ def load_checkpoint_params(net, path: Path, ctx_list) -> None:
     try:
         net.load_parameters(str(path), ctx=ctx_list)
     except Exception as exc:  # MXNetError, AssertionError (name/shape mismatch), OSError
-        msg = str(exc).strip().splitlines()
-        detail = next((m for m in msg if "shape" in m.lower() or "missing" in m.lower()), msg[0] if msg else "")
+        msg = [m.strip() for m in str(exc).strip().splitlines() if m.strip()]
+        # MXNet's messages start with a C++ "Traceback" header; the reason is the last line.
+        reason = next((m for m in reversed(msg) if not m.startswith(("Traceback", "File ", "[bt]"))),
+                      type(exc).__name__)
+        reason = reason.split("MXNetError: ", 1)[-1]
+        detail = next((m for m in msg if "shape" in m.lower() or "missing" in m.lower()), reason)
         raise ckpt_mod.CheckpointError(f"{path}: cannot load weights ({detail[:200]})") from None
 
 
