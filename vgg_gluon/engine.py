@@ -397,6 +397,9 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
         partial = None
         if s.dist is not None:  # same weights, BN statistics and train metrics on every worker
             m = s.dist.epoch_end(s.net, s.trainer, m, epoch)
+        elif len(s.ctx_list) > 1:  # BatchNorm statistics: one set per device until now
+            from vgg_gluon.distributed import average_device_copies
+            average_device_copies(s.net)
         test = evaluate(s.net, s.eval_loader, s.num_classes)
         row = {"epoch": epoch, **{k: m[k] for k in ("train_loss", "train_acc")},
                "test_loss": test["loss"], "test_acc": test["acc"]}
