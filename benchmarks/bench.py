@@ -442,9 +442,11 @@ def syncs(args) -> dict:
         w("setup", size=32, bn=True, batch=args.batch, fc_units=args.fc_units)
         w("train", steps=10, data="synthetic")
         variants = ["default", "no_seed", "no_nan_read", "neither"]
+        print(f"# load {os.getloadavg()}", flush=True)
         t = {v: [] for v in variants}
         for r, v in itertools.product(range(args.rounds), variants):
-            t[v].append(w("variant", variant=v, steps=20)["seconds"] / 20)
+            t[v].append(w("variant", variant=v, steps=args.steps)["seconds"] / args.steps)
+            print(f"  round {r} {v}: {1000 * t[v][-1]:.1f} ms/step", flush=True)
         res["ms_per_step"] = {v: 1000 * _med(x) for v, x in t.items()}
         res["raw"] = t
         for v in variants:
@@ -502,6 +504,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--fc-units", type=int, default=None, help="default 4096 x width = 1024")
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=20, help="steps per chunk (syncs)")
     ap.add_argument("--only", default="")
     ap.add_argument("--quick", action="store_true", help="fewer steps per chunk (a smoke test)")
     ap.add_argument("--no-epoch", dest="epoch", action="store_false", help="skip the whole real-data epoch")

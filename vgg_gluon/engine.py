@@ -90,11 +90,15 @@ def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, kvstore: Optional[st
     return trainer
 
 
-def init_amp() -> None:
-    """MXNet AMP: patch the operator namespaces to float16 (once, before any network is built)."""
+def init_amp(target_precision_ops=None) -> None:
+    """MXNet AMP: patch the operator namespaces to float16 (once, before any network is built).
+
+    target_precision_ops=[] keeps every operator in float32 while the rest of AMP (loss scaling,
+    overflow checks, skipped steps) stays active: how the tests exercise AMP on a CPU, which has
+    no float16 matrix products."""
     from mxnet.contrib import amp
     if not getattr(amp.amp, "_amp_initialized", False):
-        amp.init(target_dtype="float16")
+        amp.init(target_dtype="float16", target_precision_ops=target_precision_ops)
 
 
 def input_dtype(net) -> str:
@@ -272,6 +276,10 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     if train and cfg.batch_size < len(ctx_list):
         from vgg_gluon.config import ConfigError
         raise ConfigError(f"batch size {cfg.batch_size} is smaller than the number of devices ({len(ctx_list)})")
+    if (cfg.amp or cfg.dtype == "float16") and any(c.device_type == "cpu" for c in ctx_list):
+        from vgg_gluon.config import ConfigError
+        raise ConfigError(f"{'--amp' if cfg.amp else '--dtype float16'} needs a GPU (--ctx gpu:0): MXNet has no "
+                          "float16 matrix products on CPU; train in float32 there")
     seed_everything(cfg.seed)
     from vgg_gluon import distributed  # a dist kvstore joins the parameter server: rank, workers
     dist = distributed.create(cfg.kvstore) if train and distributed.wanted(cfg.kvstore) else None
