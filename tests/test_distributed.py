@@ -414,3 +414,18 @@ def test_dist_async_workers_agree_at_epoch_ends_and_resume_keeps_the_schedule(tm
     assert meta["num_update"] == 8      # 4 steps per worker x 2 workers, each push one update
     run_cli(*_launch_args("resume", run, "--epochs", 2), env_extra=env, timeout=300)
     assert json.loads((run / "epoch-0002" / "meta.json").read_text())["num_update"] == 16
+
+
+@pytest.mark.slow
+def test_a_worker_that_errors_exits_at_once_and_the_launch_fails(tmp_path, tiny_data_dir):
+    """Rank 0 refuses an existing run folder after joining the kvstore: it must exit 1 at once
+    (not wait at MXNet's exit barrier for a peer that waits for it), and the launch fails."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("someone else's run")
+    t0 = time.time()
+    r = run_cli(*_launch_args("train", *TINY, "--epochs", 1, "--output-dir", tmp_path, "--name", "taken"),
+                env_extra={"VGG_GLUON_DATA_DIR": str(tiny_data_dir)}, timeout=120, check=False)
+    assert r.returncode == 1, r.stderr
+    assert "already exists" in r.stderr and "exited with code 1" in r.stderr
+    assert time.time() - t0 < 60
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]
