@@ -22,6 +22,7 @@ Retention deletes old checkpoints only after the new one is committed, and never
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -46,6 +49,16 @@ TMP_PREFIX = ".tmp-"
 
 class CheckpointError(Exception):
     """A one-line, user-facing problem with a run folder or checkpoint file."""
+
+
+class NewerFormatError(CheckpointError):
+    """Written by a newer vgg-gluon: never skipped over in favour of an older checkpoint."""
+
+
+def _check_format(path: Path, version: Any) -> None:
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise NewerFormatError(f"{path}: written by a newer vgg-gluon (format {version}, this one reads "
+                               f"{FORMAT_VERSION}): upgrade vgg-gluon")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,12 +117,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fault(stage: str) -> None:
-    """Test-only fault injection: VGG_GLUON_CRASH_AT=<stage> kills this process with SIGKILL there.
+_fault_hits: Dict[str, int] = {}
 
-    Lets the fault-injection tests crash a real training process at an exact point of a save.
+
+def _fault(stage: str) -> None:
+    """Test-only fault injection at the stages of a save (no effect unless the variables are set).
+
+    VGG_GLUON_CRASH_AT=<stage> kills this process with SIGKILL there; <stage>@N does so the N-th
+    time the stage is reached (N-th save of the process). VGG_GLUON_SLOW_AT=<stage>:<seconds>
+    sleeps there, so a test can send signals while a save is in progress. Lets the
+    fault-injection tests hit an exact point of a save in a real training process.
     """
-    if os.environ.get("VGG_GLUON_CRASH_AT") == stage:
+    crash, slow = os.environ.get("VGG_GLUON_CRASH_AT"), os.environ.get("VGG_GLUON_SLOW_AT")
+    if not crash and not slow:
+        return
+    n = _fault_hits[stage] = _fault_hits.get(stage, 0) + 1
+    if slow and slow.split(":")[0] == stage:
+        time.sleep(float(slow.split(":")[1]))
+    if crash and (crash == stage or crash == f"{stage}@{n}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -147,6 +172,8 @@ def safe_unpickle_states(data: bytes, path: Path) -> Any:
     try:
         return _RestrictedUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as exc:
+        if not str(exc).startswith("refused to load"):  # e.g. "pickle data was truncated"
+            raise CheckpointError(f"{path}: optimizer state file is corrupted ({exc})") from None
         raise CheckpointError(
             f"{path}: not loaded, it is not a plain MXNet optimizer state file ({exc})") from None
     except Exception as exc:  # truncated/corrupt pickles raise many types
@@ -241,9 +268,7 @@ def read_meta(path: Path) -> Dict[str, Any]:
     version = meta.get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"{path}: no format_version: not a vgg-gluon checkpoint")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written by a newer vgg-gluon (format {version}, this one reads "
-                              f"{FORMAT_VERSION}): upgrade vgg-gluon")
+    _check_format(path, version)
     for key in ("epoch", "config"):
         if key not in meta:
             raise CheckpointError(f"{path}: metadata lacks '{key}'")
@@ -253,6 +278,7 @@ def read_meta(path: Path) -> Dict[str, Any]:
 def verify(ckpt: Checkpoint) -> None:
     """Check every file against the manifest; raise CheckpointError naming the first bad one."""
     manifest = read_json(ckpt.file(MANIFEST))
+    _check_format(ckpt.file(MANIFEST), manifest.get("format_version"))
     files = manifest.get("files")
     if not isinstance(files, dict) or set(files) != {PARAMS, STATES, META}:
         raise CheckpointError(f"{ckpt.file(MANIFEST)}: incomplete manifest")
@@ -319,6 +345,8 @@ def select_checkpoint(run_dir: Path, which: str = "last") -> Checkpoint:
         try:
             verify(pointed)
             return pointed
+        except NewerFormatError:
+            raise  # an older checkpoint would silently undo the newer version's work
         except CheckpointError as exc:
             problems.append(str(exc))
     candidates = list_checkpoints(run_dir)
@@ -329,6 +357,8 @@ def select_checkpoint(run_dir: Path, which: str = "last") -> Checkpoint:
             continue
         try:
             verify(ckpt)
+        except NewerFormatError:
+            raise
         except CheckpointError as exc:
             problems.append(str(exc))
             continue
@@ -357,8 +387,7 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        net.save_parameters(str(tmp / PARAMS))
-        fsync_file(tmp / PARAMS)
+        _save_params_checked(net, tmp / PARAMS)
         _fault("after-params")
         trainer.save_states(str(tmp / STATES))
         fsync_file(tmp / STATES)
@@ -395,6 +424,32 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
     return ckpt
 
 
+def _save_params_checked(net, path: Path) -> None:
+    """`net.save_parameters`, then fsync and read back. MXNet's file writer closes without
+    checking, so a disk that fills up during the final flush would leave a silently truncated file
+    (which the manifest would then bless); a failed write becomes ENOSPC or one clear line."""
+    try:
+        net.save_parameters(str(path))
+        fsync_file(path)
+        import mxnet as mx
+        mx.nd.load(str(path))
+    except OSError:
+        raise
+    except Exception as exc:
+        need = sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
+                   for p in net.collect_params().values() if p.shape)
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        if free is not None and free < 2 * need + (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        why = next((ln for ln in reversed(lines) if not ln.startswith(("Traceback", "File "))), type(exc).__name__)
+        raise CheckpointError(f"{path}: writing the weights failed ({why[:200]}); "
+                              "the previous checkpoint is intact") from None
+
+
 def _write_fsync(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -417,9 +472,20 @@ def apply_retention(run_dir: Path, keep_last: int) -> None:
     # Mid-epoch checkpoints are superseded by any later checkpoint.
     for c in ckpts:
         if c.step and c.name not in protected and last is not None and (c.epoch, c.step) < (last.epoch, last.step):
-            shutil.rmtree(c.path, ignore_errors=True)
+            _remove_checkpoint(c.path)
     ends = [c for c in list_checkpoints(run_dir) if not c.step]
     for c in ends[:-keep_last] if keep_last > 0 else []:
         if c.name not in protected:
-            shutil.rmtree(c.path, ignore_errors=True)
+            _remove_checkpoint(c.path)
     fsync_dir(run_dir)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Rename to a temporary name first, so a crash mid-delete leaves no half checkpoint under a
+    real name (cleanup_temp removes the rest at the next start)."""
+    doomed = path.with_name(f"{TMP_PREFIX}del-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)

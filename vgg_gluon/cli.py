@@ -505,6 +505,10 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
     if isinstance(want, int) and got != want:
         raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
                                  f"saved at update {want} (a .states file from another checkpoint?)")
+    got, want = int(session.trainer._optimizer.num_update), meta.get("num_update")
+    if isinstance(want, int) and got != want:
+        raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
+                                 f"saved at update {want} (a .states file from another checkpoint?)")
     if cfg.epochs != meta["config"]["epochs"]:
         # More (or fewer) epochs: the schedule is rebuilt for the new length at the same update count.
         session.trainer._optimizer.lr_scheduler = engine.make_lr_scheduler(cfg, len(session.train_loader))
@@ -517,6 +521,33 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
         ck.atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
     _run_fit(session, run_dir, console, start_epoch=done, partial=partial,
              best_acc=float(meta.get("best_acc", -1.0)))
+
+
+def _never_checkpointed(run_dir: Path) -> bool:
+    """A run folder train created (config.yaml) that was stopped before its first checkpoint."""
+    from vgg_gluon import checkpoint as ck
+    return ((run_dir / "config.yaml").is_file() and not ck.list_checkpoints(run_dir)
+            and not any((run_dir / f"{w}.json").exists() for w in ("last", "best"))
+            and not any(ck.CKPT_RE.match(p.name) for p in run_dir.iterdir()))
+
+
+def _recover_history(run_dir: Path, rows, done: int):
+    """history.csv rows of epochs 1..done; a row lost by a kill between a checkpoint's commit and
+    the history write is taken back from that checkpoint's meta.json."""
+    from vgg_gluon import checkpoint as ck
+    rows = [r for r in rows if r["epoch"] <= done]
+    have = {r["epoch"] for r in rows}
+    for c in ck.list_checkpoints(run_dir):
+        if c.step or c.epoch > done or c.epoch in have:
+            continue
+        try:
+            metrics = c.meta().get("metrics") or {}
+        except ck.CheckpointError:
+            continue
+        if metrics.get("epoch") == c.epoch:
+            rows.append(dict(metrics))
+            have.add(c.epoch)
+    return sorted(rows, key=lambda r: r["epoch"])
 
 
 def _never_checkpointed(run_dir: Path) -> bool:

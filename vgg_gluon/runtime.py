@@ -26,11 +26,13 @@ _GPU_ERRORS = (
     (r"no kernel image is available|invalid device function|CUDA_ERROR_NO_BINARY_FOR_GPU",
      "this GPU's architecture has no kernels in this MXNet build: mxnet-cu112 supports NVIDIA "
      "sm_50..sm_86 (Maxwell to Ampere/Ada), not Hopper (H100/H200); train on the CPU with --ctx cpu"),
-    (r"out of memory|cudaMalloc|CUDA_ERROR_OUT_OF_MEMORY|Memory allocation failed",
+    (r"out of memory|cudaMalloc|CUDA_ERROR_OUT_OF_MEMORY|Memory allocation failed|"
+     r"Failed to allocate CPU Memory|std::bad_alloc",
      "the device ran out of memory: use a smaller --batch-size, a smaller --image-size or --width"),
     (r"CUDA driver version is insufficient|cudaErrorInsufficientDriver",
      "the NVIDIA driver is older than CUDA 11.2 needs: update the driver"),
-    (r"Compile with USE_CUDA=1|GPU is not enabled|not compiled with CUDA",
+    (r"Compile with USE_CUDA=1|GPU is not enabled|not compiled with CUDA|not implemented for GPU|"
+     r"GPU support is disabled",
      "this MXNet build has no CUDA: install mxnet-cu112 (pip install -c constraints.txt -e .[gpu]) "
      "or use --ctx cpu"),
 )
@@ -38,6 +40,8 @@ _GPU_ERRORS = (
 
 def explain_mxnet_error(exc: BaseException) -> Optional[str]:
     """Map an MXNet/CUDA exception to a one-line fix, or None when it is not a known device problem."""
+    if isinstance(exc, MemoryError):
+        return _GPU_ERRORS[2][1]
     text = str(exc)
     for pattern, advice in _GPU_ERRORS:
         if re.search(pattern, text, re.IGNORECASE):
