@@ -88,12 +88,13 @@ def test_report_failure_never_stops_training(cli_env, tmp_path, monkeypatch):
     assert (tmp_path / "r" / "epoch-0001").is_dir()
     # --log-json -: stdout carries only JSON lines; the human lines went to stderr
     events = [json.loads(ln) for ln in r.output.splitlines()]
-    assert [e["event"] for e in events] == ["epoch", "end"]
-    assert events[1]["status"] == "finished" and "epoch   1/1" in (tmp_path / "r" / "train.log").read_text()
+    assert [e["event"] for e in events] == ["start", "epoch", "end"]
+    assert events[0]["run"] == str(tmp_path / "r") and events[0]["config"]["width"] == 0.0625
+    assert events[2]["status"] == "finished" and "epoch   1/1" in (tmp_path / "r" / "train.log").read_text()
 
 
 def test_log_json_file(run):
-    events = [json.loads(ln) for ln in (run.parent / "log.jsonl").read_text().splitlines()]
+    events = [json.loads(ln) for ln in (run.parent / "log.jsonl").read_text().splitlines()][1:]
     assert [e["event"] for e in events] == ["epoch", "epoch", "end"]
     assert [e["epoch"] for e in events[:2]] == [1, 2]
     for e in events[:2]:

@@ -364,6 +364,8 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                  f"{len(session.dataset.test.labels)} test), {cfg.arch} width {cfg.width:g}"
                  f"{' +BN' if cfg.batch_norm else ''}, input {tuple(session.input_shape)}, "
                  f"ctx {ctx_string(session.ctx_list)}, epochs {start_epoch + 1}..{cfg.epochs}")
+    console.record("start", run=str(run_dir), first_epoch=start_epoch + 1, epochs=cfg.epochs,
+                   config=cfg.to_dict())
     # RunMarker: RUN/.running.json while training (`vgg-gluon runs` tells running from crashed)
     with StopFlag(console) as stop, RunMarker(run_dir, active=dist is None or dist.is_writer):
         result = engine.fit(session, run_dir, start_epoch=start_epoch, partial=partial, best_acc=best_acc,
