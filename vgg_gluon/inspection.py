@@ -303,6 +303,7 @@ SERVE_EXAMPLE = '''"""Classify images with an exported vgg-gluon model: needs mx
 """
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import mxnet as mx
@@ -311,7 +312,10 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent
 info = json.loads((HERE / "preprocessing.json").read_text())
-net = mx.gluon.SymbolBlock.imports(str(HERE / info["symbol"]), [info["input_name"]], str(HERE / info["params"]))
+with warnings.catch_warnings():  # MXNet warns that the input type is only known at the first call
+    warnings.simplefilter("ignore", UserWarning)
+    net = mx.gluon.SymbolBlock.imports(str(HERE / info["symbol"]), [info["input_name"]],
+                                       str(HERE / info["params"]))
 
 
 def preprocess(path):
