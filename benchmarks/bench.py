@@ -497,6 +497,11 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "worker":
         worker_main(sys.argv[2])
         return
+    # The package's own thread choice (vgg_gluon._env: one OpenMP thread per core idle now, or the
+    # user's OMP_NUM_THREADS / VGG_GLUON_THREADS), made once here and inherited by BOTH workers.
+    sys.path.insert(0, str(HERE.parent))
+    import vgg_gluon  # noqa: F401
+    print(f"# threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} for MXNet and PyTorch", flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["throughput", "syncs", "threads"])
     ap.add_argument("--sizes", default="32,96,224")

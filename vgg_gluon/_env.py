@@ -15,11 +15,50 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def idle_cores(seconds: float = 0.1) -> float:
+    """Cores left idle by other processes right now (from two /proc/stat readings), or -1."""
+    import time
+
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])  # idle + iowait, total
+    try:
+        i0, t0 = read()
+        time.sleep(seconds)
+        i1, t1 = read()
+    except (OSError, ValueError, IndexError):
+        return -1.0
+    return -1.0 if t1 <= t0 else (i1 - i0) / (t1 - t0) * (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """One OpenMP thread per core that is free now (at least 1).
+
+    Measured here (benchmarks/README.md): on a quiet 2-core machine 2 threads train ~1.8x faster
+    than 1; with other work keeping the cores busy, 2 threads were 2.9x SLOWER than 1 (OpenMP's
+    barriers wait on descheduled threads). So count the cores other processes leave idle.
+    """
+    cores = cpu_count()
+    idle = idle_cores()
+    if idle < 0:
+        return cores
+    return max(1, min(cores, int(idle + 0.25)))
+
+
 def configure() -> None:
     """Fill in MXNet/OpenMP defaults; the user's own environment variables are left untouched."""
-    n = os.environ.get("VGG_GLUON_THREADS") or str(cpu_count())
+    want = os.environ.get("VGG_GLUON_THREADS", "auto")
+    if "OMP_NUM_THREADS" in os.environ and want == "auto":
+        n = os.environ["OMP_NUM_THREADS"]
+    else:
+        n = str(default_threads()) if want == "auto" else want
     os.environ.setdefault("OMP_NUM_THREADS", n)
     os.environ.setdefault("MKL_NUM_THREADS", n)
+    # One engine worker: the OpenMP team already uses the cores; 2 workers measured slower here.
+    os.environ.setdefault("MXNET_CPU_WORKER_NTHREADS", "1")
+    # GPU: let cuDNN time its algorithms once per shape (static shapes make that a one-off).
+    os.environ.setdefault("MXNET_CUDNN_AUTOTUNE_DEFAULT", "1")
     # No MKLDNN/subgraph chatter on stderr for every hybridized graph.
     os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
     # The ssl/numpy deprecation noise from mxnet/gluoncv is not the user's business.
