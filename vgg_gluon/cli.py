@@ -511,8 +511,9 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
     if isinstance(want, int) and got != want:
         raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
                                  f"saved at update {want} (a .states file from another checkpoint?)")
-    if cfg.epochs != meta["config"]["epochs"]:
+    if cfg.epochs != meta["config"]["epochs"] and (session.dist is None or session.dist.sync):
         # More (or fewer) epochs: the schedule is rebuilt for the new length at the same update count.
+        # (dist_async: distributed.load_trainer_states already gave the servers the new schedule.)
         session.trainer._optimizer.lr_scheduler = engine.make_lr_scheduler(cfg, len(session.train_loader))
     session.history = _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
     partial = engine.Partial(**meta["partial"]) if meta.get("partial") else None

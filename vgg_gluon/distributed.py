@@ -368,6 +368,8 @@ def load_trainer_states(session, path: Path) -> None:
         raise ck.CheckpointError(f"{path}: not an MXNet optimizer state file")
     n = int(optimizer.num_update)
     trainer._optimizer.num_update = trainer._optimizer.begin_num_update = n
+    # The schedule for this run's (possibly extended) --epochs, counted in pushes of all workers.
+    trainer._optimizer.lr_scheduler = mxnet_lr_scheduler(session.cfg, len(session.train_loader) * dist.num_workers)
     trainer._kvstore.set_optimizer(trainer._optimizer)   # the servers' copy resumes the schedule
     log.warning("dist_async resume: update count %d and LR schedule restored; momentum restarts "
                 "at zero (it lived on the parameter servers)", n)
