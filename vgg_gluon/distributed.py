@@ -117,6 +117,19 @@ def average_device_copies(net) -> None:
                 mean.copyto(c)
 
 
+def statistics_before_mid_epoch_save(session) -> None:
+    """A stop inside an epoch: make the BatchNorm statistics one set (devices, and workers in the
+    sync modes, where the stop is collective) before rank 0 saves, as at an epoch end. The running
+    averages are linear in their start, so a resumed run then ends the epoch with the statistics an
+    uninterrupted one would have. dist_async workers do not stop together: rank 0's are saved."""
+    dist = getattr(session, "dist", None)
+    if dist is not None:
+        if dist.sync:
+            dist.average_statistics(session.trainer)
+    elif len(session.ctx_list) > 1:
+        average_device_copies(session.net)
+
+
 # ------------------------------------------------------------------------------------------------
 # process exit: a failed worker must exit now, not wait at MXNet's exit barrier for its peers
 @dataclass
@@ -296,18 +309,24 @@ class DistContext:
             return seen["stop"]
         return should_stop
 
+    def average_statistics(self, trainer) -> None:
+        """BatchNorm running mean/var (not gradients): the mean over every worker's every device.
+        Collective (sync modes): all workers call it at the same point."""
+        for i, p in enumerate(trainer._params):
+            if p.grad_req == "null":
+                copies = p.list_data()
+                self.kv.push(i, copies, priority=-i)
+                self.kv.pull(i, out=copies, priority=-i)
+                for c in copies:
+                    c /= self.num_workers * len(copies)
+        mx.nd.waitall()
+
     def epoch_end(self, net, trainer, metrics: Dict[str, float], epoch: int) -> Dict[str, float]:
         """Make every worker hold the same model before evaluation and the checkpoint."""
         params = list(trainer._params)
         mx.nd.waitall()
         if self.sync:
-            for i, p in enumerate(params):
-                if p.grad_req == "null":   # BatchNorm running mean/var: average over all copies
-                    copies = p.list_data()
-                    self.kv.push(i, copies, priority=-i)
-                    self.kv.pull(i, out=copies, priority=-i)
-                    for c in copies:
-                        c /= self.num_workers * len(copies)
+            self.average_statistics(trainer)
             pair = mx.nd.array([metrics["train_loss"], metrics["train_acc"]], ctx=mx.cpu())
             loss, acc = (self._allreduce(METRICS_KEY, pair) / self.num_workers).asnumpy().tolist()
             # Workers step together: the run's throughput is the sum of theirs.

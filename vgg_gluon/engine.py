@@ -393,6 +393,8 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
                                 partial=partial, log_interval=cfg.log_interval,
                                 on_progress=on_progress, should_stop=should_stop, seed=cfg.seed)
         except StopRequested as stop:
+            from vgg_gluon.distributed import statistics_before_mid_epoch_save
+            statistics_before_mid_epoch_save(s)  # BatchNorm: one set over devices (and sync workers)
             c = None
             if is_writer and _params_finite(s.net):
                 c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer,
