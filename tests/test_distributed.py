@@ -431,6 +431,7 @@ def test_a_worker_that_errors_exits_at_once_and_the_launch_fails(tmp_path, tiny_
     assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_two_devices_with_batch_norm_stop_and_resume_equal_uninterrupted(tmp_path, cli_env, monkeypatch):
     """--ctx cpu:0,1 with BatchNorm: stopped inside an epoch (statistics averaged over the devices
     before the save) and resumed, the run ends with the weights and statistics of an
