@@ -150,6 +150,25 @@ def test_clean_finish_and_signal_forwarding(tmp_path):
     assert len(pids) == 2 and all(_gone(pid) for pid in pids)
 
 
+def test_children_die_with_a_killed_launcher(tmp_path):
+    """Even SIGKILL on the launcher (no chance to clean up) leaves no process behind (PDEATHSIG)."""
+    script = tmp_path / "sup.py"
+    script.write_text(
+        "import sys\nfrom vgg_gluon import launch\n"
+        "sleep = [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+        "nodes = [launch.Node(r, 0, None, sleep) for r in ('scheduler', 'server', 'worker')]\n"
+        "sys.exit(launch.Launcher(nodes).run())\n")
+    p = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, PYTHONPATH=str(REPO)),
+                         stderr=subprocess.PIPE, text=True)
+    pids = [int(p.stderr.readline().split(" pid ")[1].split()[0]) for _ in range(3)]
+    p.kill()
+    p.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and not all(_gone(pid) for pid in pids):
+        time.sleep(0.1)
+    assert all(_gone(pid) for pid in pids)
+
+
 # ------------------------------------------------------------------------------------------------
 # sharding and configuration, in one process
 def test_shards_of_a_step_are_the_single_process_batch():
