@@ -37,6 +37,7 @@ def lo_tx_bytes() -> int:
 
 def build(width: float, batch: int, ctx):
     import mxnet as mx
+
     from vgg_gluon import models
     net = models.build_vgg("vgg11", 10, width=width, batch_norm=False, dropout=0.0)
     models.initialize(net, [ctx], seed=0)
@@ -113,6 +114,7 @@ def run_case(mode: str, steps: int, width: float, global_batch: int) -> dict:
 def drive(args) -> list:
     """Start each case as real processes (the launcher's supervision) and collect their JSON."""
     import tempfile
+
     from vgg_gluon import launch
     results = []
     me = [sys.executable, str(Path(__file__).resolve())]

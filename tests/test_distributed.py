@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO, run_cli
+
 from vgg_gluon import cli, launch
 
 TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "256",
@@ -174,6 +174,7 @@ def test_children_die_with_a_killed_launcher(tmp_path):
 def test_shards_of_a_step_are_the_single_process_batch():
     """Worker r's step-t images, over all r, are exactly step t of one process with the global batch."""
     import mxnet as mx
+
     from vgg_gluon.data import BatchLoader, Split
     n, workers, local = 203, 2, 8
     split = Split(np.zeros((n, 4, 4, 1), np.uint8), np.arange(n) % 10)
@@ -233,6 +234,7 @@ def test_two_devices_with_batch_norm_equal_one_device_fed_the_same_halves():
     weights); the running statistics differ per device until average_device_copies (epoch end)."""
     import mxnet as mx
     from mxnet import autograd, gluon
+
     from vgg_gluon import models
     from vgg_gluon.distributed import average_device_copies
     ctx2 = [mx.cpu(0), mx.cpu(1)]
@@ -456,6 +458,7 @@ def test_two_devices_with_batch_norm_stop_and_resume_equal_uninterrupted(tmp_pat
     before the save) and resumed, the run ends with the weights and statistics of an
     uninterrupted one."""
     import mxnet as mx
+
     from vgg_gluon import checkpoint as ck
     args = [*TINY, "--epochs", 2, "--dropout", 0, "--ctx", "cpu:0,1", "--output-dir", tmp_path]
     assert CliRunner().invoke(cli.main, ["train", *map(str, args), "--name", "full"]).exit_code == 0
