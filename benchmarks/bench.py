@@ -73,7 +73,7 @@ class MXWorker:
         # The benchmark venv also holds torch 2.x, and gluoncv (imported for the LR schedulers)
         # refuses to import next to a torch it does not know; the MXNet side never needs torch.
         sys.modules["torch"] = None
-        import vgg_gluon  # noqa: F401  (thread settings before mxnet)
+        import vgg_gluon  # noqa: F401, I001  (thread settings before mxnet)
         import mxnet as mx
         from vgg_gluon import engine, models
         self.mx, self.engine, self.models = mx, engine, models
@@ -132,6 +132,19 @@ class MXWorker:
             loader = _LoaderWindow(self.s.train_loader, self.real_pos, k)
             self.real_pos += k
         return {"seconds": self._run(loader)}
+
+    def pipeline(self, a):
+        """The real BatchLoader alone: per-batch time to gather, copy and transform (crop, flip,
+        normalize, resize), each batch waited for; median over a["steps"] batches."""
+        it = self.s.train_loader.epoch(self.epoch + 1000)
+        times = []
+        for _ in range(a["steps"]):
+            t0 = time.perf_counter()
+            x, y = next(it)
+            for arr in x + y:
+                arr.wait_to_read()
+            times.append(time.perf_counter() - t0)
+        return {"seconds": statistics.median(times[2:] or times)}
 
     def epoch_real(self, a):
         """One whole real-data epoch through train_one_epoch (shuffle, augmentation, metrics)."""
@@ -384,19 +397,20 @@ def throughput(args) -> dict:
                 thw("train", steps=max(k, 2))
                 t = {"mx_syn": [], "mx_real": [], "torch": []}
                 for r in range(rounds):
-                    order = [("mx_syn", lambda: mxw("train", steps=k, data="synthetic")),
-                             ("torch", lambda: thw("train", steps=k)),
-                             ("mx_real", lambda: mxw("train", steps=k, data="real"))]
+                    order = [("mx_syn", lambda k=k: mxw("train", steps=k, data="synthetic")),
+                             ("torch", lambda k=k: thw("train", steps=k)),
+                             ("mx_real", lambda k=k: mxw("train", steps=k, data="real"))]
                     order = order[r % 3:] + order[:r % 3]
                     for name, fn in order:
                         t[name].append(fn()["seconds"] / k)
                 ek = max(1, k)
                 ev = {"mx": [], "torch": []}
-                for r in range(rounds):
+                for _ in range(rounds):
                     ev["mx"].append(mxw("eval", steps=ek)["seconds"] / ek)
                     ev["torch"].append(thw("eval", steps=ek)["seconds"] / ek)
                 ips = {n: b / _med(v) for n, v in t.items()}
                 eips = {n: b / _med(v) for n, v in ev.items()}
+                pipe_s = mxw("pipeline", steps=12)["seconds"]
                 train_gflops = 3 * 2 * info["macs"] * ips["mx_syn"] / 1e9
                 row = {"size": size, "bn": bn, "batch": b, "steps_per_chunk": k, "chunks": rounds,
                        "macs": info["macs"], "img_s": ips, "eval_img_s": eips,
@@ -404,13 +418,17 @@ def throughput(args) -> dict:
                        "real_vs_synthetic": ips["mx_real"] / ips["mx_syn"],
                        "train_gflops": train_gflops, "share_of_peak": train_gflops / res["peak_gflops"],
                        "torch_share_of_peak": 3 * 2 * info["macs"] * ips["torch"] / 1e9 / res["peak_gflops"],
+                       "pipeline_ms_per_batch": 1000 * pipe_s,
+                       "pipeline_share_of_step": pipe_s / _med(t["mx_syn"]),
                        "raw_step_s": t, "raw_eval_s": ev}
                 res["runs"].append(row)
                 print(f"{size:>3}px {'BN   ' if bn else 'no-BN'} train img/s: mxnet {ips['mx_syn']:7.1f} "
                       f"(real data {ips['mx_real']:7.1f}, {row['real_vs_synthetic']:.0%})  torch {ips['torch']:7.1f}"
                       f"  ratio {row['ratio_vs_torch']:.2f}x  {train_gflops:6.1f} GFLOP/s = "
                       f"{row['share_of_peak']:.0%} of peak (torch {row['torch_share_of_peak']:.0%})  "
-                      f"eval img/s: mxnet {eips['mx']:7.1f} torch {eips['torch']:7.1f}", flush=True)
+                      f"eval img/s: mxnet {eips['mx']:7.1f} torch {eips['torch']:7.1f}  "
+                      f"data pipeline alone {1000 * pipe_s:.1f} ms/batch = {row['pipeline_share_of_step']:.1%} "
+                      f"of a synthetic step", flush=True)
         if args.epoch and 32 in sizes:
             mxw("setup", size=32, bn=True, batch=args.batch, fc_units=args.fc_units)
             mxw("train", steps=4, data="synthetic")

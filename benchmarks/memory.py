@@ -39,12 +39,16 @@ def main() -> int:
     ap.add_argument("--tolerance-mb", type=float, default=32.0)
     ap.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results" / "runs"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    # The project's own environment (what `make train` uses), not the benchmark venv: that one
+    # also holds torch 2.x, next to which gluoncv refuses to import.
+    own = ROOT / ".venv" / "bin" / "python"
+    ap.add_argument("--python", default=str(own) if own.exists() else sys.executable)
     ap.add_argument("extra", nargs="*")
     args = ap.parse_args()
     if args.epochs < 3:
         ap.error("--epochs must be at least 3 (growth is measured from epoch 2 to N)")
     name = f"memory-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [sys.executable, "-m", "vgg_gluon", "train", "--config", args.config, "--epochs", str(args.epochs),
+    cmd = [args.python, "-m", "vgg_gluon", "train", "--config", args.config, "--epochs", str(args.epochs),
            "--output-dir", args.output_dir, "--name", name, "--quiet", *args.extra]
     print("$", " ".join(cmd), flush=True)
     hist = Path(args.output_dir) / name / "history.csv"

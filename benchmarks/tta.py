@@ -26,11 +26,15 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=150.0, help="seconds of training wall time")
     ap.add_argument("--output-dir", default=str(ROOT / "benchmarks" / "results" / "runs"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    # The project's own environment (what `make train` uses), not the benchmark venv: that one
+    # also holds torch 2.x, next to which gluoncv refuses to import.
+    own = ROOT / ".venv" / "bin" / "python"
+    ap.add_argument("--python", default=str(own) if own.exists() else sys.executable)
     ap.add_argument("extra", nargs="*", help="more flags for `vgg-gluon train`")
     args = ap.parse_args()
     name = f"tta-{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     load0 = os.getloadavg()
-    cmd = [sys.executable, "-m", "vgg_gluon", "train", "--config", args.config, "--output-dir",
+    cmd = [args.python, "-m", "vgg_gluon", "train", "--config", args.config, "--output-dir",
            args.output_dir, "--name", name, "--quiet", *args.extra]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()

@@ -21,6 +21,7 @@ def test_float16_and_amp_on_cpu_are_one_line_errors(tmp_path, cli_env):
 
 def test_amp_with_float16_dtype_is_refused():
     import pytest
+
     from vgg_gluon.config import ConfigError
     with pytest.raises(ConfigError, match="--amp"):
         RunConfig(amp=True, dtype="float16").validate()
@@ -28,6 +29,7 @@ def test_amp_with_float16_dtype_is_refused():
 
 def test_float16_trainer_keeps_float32_master_weights():
     import mxnet as mx
+
     from vgg_gluon import models
     net = models.build_vgg("vgg11", 10, width=0.0625, batch_norm=True, fc_units=16)
     models.initialize(net, [mx.cpu()], input_shape=(1, 32, 32))
