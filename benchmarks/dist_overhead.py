@@ -2,6 +2,7 @@
 
     python benchmarks/dist_overhead.py                 # all cases, prints a Markdown table + JSON
     python benchmarks/dist_overhead.py --steps 30 --width 0.25 --batch-size 128
+    python benchmarks/dist_overhead.py --steps 5 --width 0.5 --workers 1     # bytes vs parameter count
 
 Cases (VGG-11 at the given width, 1x32x32 inputs, random data, SGD with momentum, global batch B):
   local          one process, one CPU context, no kvstore (what `vgg-gluon train` does on one device)
@@ -121,7 +122,7 @@ def drive(args) -> list:
     common = ["--steps", str(args.steps), "--width", str(args.width), "--batch-size", str(args.batch_size)]
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
-        for workers in (1, 2):
+        for workers in args.workers:
             outs = [Path(tmp) / f"w{workers}-{i}.json" for i in range(workers)]
             nodes = launch.plan(workers, 1, ["train"], port=launch.free_port(), launch_id="bench",
                                 threads=max(1, cores // workers))
@@ -143,6 +144,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-size", type=int, default=128, help="global batch")
+    ap.add_argument("--workers", type=lambda v: [int(w) for w in v.split(",")], default=[1, 2],
+                    help="worker counts to run, e.g. 1,2 (default)")
     ap.add_argument("--role", choices=("driver", "worker"), default="driver")
     ap.add_argument("--out")
     args = ap.parse_args()
