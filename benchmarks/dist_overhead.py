@@ -125,7 +125,7 @@ def drive(args) -> list:
         for workers in args.workers:
             outs = [Path(tmp) / f"w{workers}-{i}.json" for i in range(workers)]
             nodes = launch.plan(workers, 1, ["train"], port=launch.free_port(), launch_id="bench",
-                                threads=max(1, cores // workers))
+                                threads=args.threads or max(1, cores // workers))
             wi = 0
             for node in nodes:
                 if node.role == "worker":
@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128, help="global batch")
     ap.add_argument("--workers", type=lambda v: [int(w) for w in v.split(",")], default=[1, 2],
                     help="worker counts to run, e.g. 1,2 (default)")
+    ap.add_argument("--threads", type=int, help="OpenMP threads per worker (default: cores / workers)")
     ap.add_argument("--role", choices=("driver", "worker"), default="driver")
     ap.add_argument("--out")
     args = ap.parse_args()
