@@ -146,7 +146,9 @@ optim_options = _options(
 
 run_options = _options(
     click.option("--ctx", help="auto, cpu, gpu, gpu:0,1 or cpu:0,1 (default auto: all GPUs, else CPU)."),
-    click.option("--kvstore", type=_choice(KVSTORES), help="Gradient aggregation across devices (default device)."),
+    click.option("--kvstore", type=_choice(KVSTORES),
+                 help="Gradient aggregation: device (default) or local in one process; dist_sync, "
+                      "dist_device_sync or dist_async for workers of `vgg-gluon launch`."),
     click.option("--keep-last", type=int, help="Keep the newest N epoch checkpoints (the best one is always kept)."),
     click.option("--log-interval", type=int, help="Steps between progress-bar updates (default 20)."),
     click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines (train.log still written)."),
