@@ -509,10 +509,6 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
     if isinstance(want, int) and got != want:
         raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
                                  f"saved at update {want} (a .states file from another checkpoint?)")
-    got, want = int(session.trainer._optimizer.num_update), meta.get("num_update")
-    if isinstance(want, int) and got != want:
-        raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
-                                 f"saved at update {want} (a .states file from another checkpoint?)")
     if cfg.epochs != meta["config"]["epochs"] and (session.dist is None or session.dist.sync):
         # More (or fewer) epochs: the schedule is rebuilt for the new length at the same update count.
         # (dist_async: distributed.load_trainer_states already gave the servers the new schedule.)
