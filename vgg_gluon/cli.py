@@ -499,6 +499,7 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
     cfg = RunConfig.from_dict(meta["config"], f"{c.path}/meta.json").update(flags, "command line").validate()
     done = c.epoch
     if done >= cfg.epochs and not c.step:
+        _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
         click.echo(f"{run_dir}: already trained {done} of {cfg.epochs} epochs; pass --epochs N (> {done}) "
                    "to train more")
         return
@@ -537,7 +538,7 @@ def _recover_history(run_dir: Path, rows, done: int):
     the history write is taken back from that checkpoint's meta.json."""
     from vgg_gluon import checkpoint as ck
     rows = [r for r in rows if r["epoch"] <= done]
-    have = {r["epoch"] for r in rows}
+    have, recovered = {r["epoch"] for r in rows}, False
     for c in ck.list_checkpoints(run_dir):
         if c.step or c.epoch > done or c.epoch in have:
             continue
@@ -548,34 +549,12 @@ def _recover_history(run_dir: Path, rows, done: int):
         if metrics.get("epoch") == c.epoch:
             rows.append(dict(metrics))
             have.add(c.epoch)
-    return sorted(rows, key=lambda r: r["epoch"])
-
-
-def _never_checkpointed(run_dir: Path) -> bool:
-    """A run folder train created (config.yaml) that was stopped before its first checkpoint."""
-    from vgg_gluon import checkpoint as ck
-    return ((run_dir / "config.yaml").is_file() and not ck.list_checkpoints(run_dir)
-            and not any((run_dir / f"{w}.json").exists() for w in ("last", "best"))
-            and not any(ck.CKPT_RE.match(p.name) for p in run_dir.iterdir()))
-
-
-def _recover_history(run_dir: Path, rows, done: int):
-    """history.csv rows of epochs 1..done; a row lost by a kill between a checkpoint's commit and
-    the history write is taken back from that checkpoint's meta.json."""
-    from vgg_gluon import checkpoint as ck
-    rows = [r for r in rows if r["epoch"] <= done]
-    have = {r["epoch"] for r in rows}
-    for c in ck.list_checkpoints(run_dir):
-        if c.step or c.epoch > done or c.epoch in have:
-            continue
-        try:
-            metrics = c.meta().get("metrics") or {}
-        except ck.CheckpointError:
-            continue
-        if metrics.get("epoch") == c.epoch:
-            rows.append(dict(metrics))
-            have.add(c.epoch)
-    return sorted(rows, key=lambda r: r["epoch"])
+            recovered = True
+    rows = sorted(rows, key=lambda r: r["epoch"])
+    if recovered:
+        from vgg_gluon import report
+        report.write_history(run_dir / "history.csv", rows)
+    return rows
 
 
 def _infer_from_params(params_path: str, flags: Dict[str, Any]) -> Dict[str, Any]:
