@@ -66,6 +66,15 @@ def cli_env(tiny_data_dir, monkeypatch):
     return tiny_data_dir
 
 
+def invoke_cli(*args, data_dir=None, mix_stderr=True, **kw):
+    """Run the CLI in this process (click's CliRunner); `data_dir` sets VGG_GLUON_DATA_DIR for the call only."""
+    from click.testing import CliRunner
+
+    from vgg_gluon import cli
+    env = {"VGG_GLUON_DATA_DIR": str(data_dir)} if data_dir is not None else None
+    return CliRunner(mix_stderr=mix_stderr).invoke(cli.main, [str(a) for a in args], env=env, **kw)
+
+
 def run_cli(*args, env_extra=None, timeout=600, check=True):
     """Run `python -m vgg_gluon ...` in a real subprocess."""
     import subprocess

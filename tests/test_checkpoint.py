@@ -1,7 +1,6 @@
 import json
 import os
 import pickle
-from pathlib import Path
 
 import mxnet as mx
 import numpy as np

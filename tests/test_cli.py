@@ -4,26 +4,20 @@ import os
 import stat
 
 import pytest
-from click.testing import CliRunner
-
-from vgg_gluon import cli
+from conftest import invoke_cli
 
 TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
         "--test-limit", "64", "--quiet"]
 
 
 def _invoke(*args, **kw):
-    return CliRunner().invoke(cli.main, [str(a) for a in args], **kw)
+    return invoke_cli(*args, **kw)
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_data_dir):
     out = tmp_path_factory.mktemp("runs")
-    os.environ["VGG_GLUON_DATA_DIR"] = str(tiny_data_dir)
-    try:
-        r = _invoke("train", *TINY, "--epochs", 2, "--output-dir", out, "--name", "run")
-    finally:
-        del os.environ["VGG_GLUON_DATA_DIR"]
+    r = _invoke("train", *TINY, "--epochs", 2, "--output-dir", out, "--name", "run", data_dir=tiny_data_dir)
     assert r.exit_code == 0, r.output
     return out / "run"
 

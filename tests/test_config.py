@@ -96,6 +96,7 @@ def test_parse_ctx_rejects(spec):
 
 def test_gpu_request_without_cuda_is_clear():
     import mxnet as mx
+
     from vgg_gluon.runtime import resolve_ctx
     if mx.runtime.Features().is_enabled("CUDA"):
         pytest.skip("this MXNet has CUDA")

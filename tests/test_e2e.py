@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import FASHION_SYSTEM, REPO, run_cli
 
 pytestmark = pytest.mark.slow
@@ -40,8 +39,11 @@ def test_cifar10_train_resume_evaluate(tmp_path):
     d = _data_dir()
     if not ((d / "cifar10").exists() or (d / "cifar-10-batches-bin").exists()):
         pytest.skip(f"CIFAR-10 not prepared in {d} (make data)")
-    out = _cycle(tmp_path, "cifar10")
-    assert out["accuracy"] > 0.15
+    # CIFAR-10 learns slower than Fashion-MNIST: 1,024 images for 2 epochs gave 12.7% on one machine
+    # and >15% on another, so more images, no augmentation and a gentler rate make "it learns" certain.
+    out = _cycle(tmp_path, "cifar10", extra=("--train-limit", "4096", "--no-augment",
+                                             "--lr", "0.05"))
+    assert out["accuracy"] > 0.2   # chance is 0.1; 512 test images: 0.2 is 10 standard errors above it
 
 
 def test_signal_stops_cleanly_and_resumes(tmp_path, tiny_data_dir):

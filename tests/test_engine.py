@@ -1,5 +1,4 @@
 """Training behaviour: exact resume, several devices, NaN handling (tiny nets, tiny data)."""
-import json
 from pathlib import Path
 
 import mxnet as mx

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import REPO
+from conftest import REPO, invoke_cli
 
 from vgg_gluon import checkpoint as ck
-from vgg_gluon import cli, report
+from vgg_gluon import report
 
 # 256 training images in batches of 8: 32 steps per epoch, so there are many points to hit.
 TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "8", "--test-limit", "64",
@@ -123,7 +122,7 @@ def _tree_hash(root: Path) -> dict:
 
 
 def _invoke(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
+    return invoke_cli(*args)
 
 
 def _one_line_error(r, *words):
@@ -140,15 +139,8 @@ def _one_line_error(r, *words):
 def base_run(tmp_path_factory, tiny_data_dir):
     """A run with one committed epoch (in-process, so it is quick)."""
     out = tmp_path_factory.mktemp("base")
-    old = os.environ.get("VGG_GLUON_DATA_DIR")
-    os.environ["VGG_GLUON_DATA_DIR"] = str(tiny_data_dir)
-    try:
-        r = _invoke("train", *TINY, "--epochs", 1, "--quiet", "--output-dir", out, "--name", "base")
-    finally:
-        if old is None:
-            del os.environ["VGG_GLUON_DATA_DIR"]
-        else:
-            os.environ["VGG_GLUON_DATA_DIR"] = old
+    r = invoke_cli("train", *TINY, "--epochs", 1, "--quiet", "--output-dir", out, "--name", "base",
+                   data_dir=tiny_data_dir)
     assert r.exit_code == 0, r.output
     return out / "base"
 
@@ -157,15 +149,7 @@ def base_run(tmp_path_factory, tiny_data_dir):
 def two_epoch_run(base_run, tiny_data_dir):
     run = base_run.parent / "two"
     shutil.copytree(base_run, run)
-    old = os.environ.get("VGG_GLUON_DATA_DIR")
-    os.environ["VGG_GLUON_DATA_DIR"] = str(tiny_data_dir)
-    try:
-        r = _invoke("resume", run, "--epochs", 2, "--quiet")
-    finally:
-        if old is None:
-            del os.environ["VGG_GLUON_DATA_DIR"]
-        else:
-            os.environ["VGG_GLUON_DATA_DIR"] = old
+    r = invoke_cli("resume", run, "--epochs", 2, "--quiet", data_dir=tiny_data_dir)
     assert r.exit_code == 0, r.output
     return run
 
@@ -231,8 +215,9 @@ def test_kill9_at_many_points_then_resume_finishes(tiny_data_dir, tmp_path):
     run, epochs = tmp_path / "run", 12
     log_lines = []
     epoch_seconds = 2.0
+    # Epoch 1 made >= 3.2 s long (0.1 s per step), so the first kill lands inside it on any machine.
     proc = _start(["train", *TINY, "--epochs", epochs, "--keep-last", 2, "--output-dir", tmp_path,
-                   "--name", "run"], _env(tiny_data_dir))
+                   "--name", "run"], _env(tiny_data_dir, VGG_GLUON_SLOW_AT="train-step:0.1"))
     for i, (name, extra, when) in enumerate(KILL_PLAN):
         if i:  # every kill after the first lands in a resumed process
             expected = _pointer(run)
@@ -304,10 +289,12 @@ def _ep(name):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130),
                                        pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow)])
 def test_signal_mid_epoch_saves_that_step_and_resume_continues_there(sig, code, tiny_data_dir, tmp_path):
-    env, run = _env(tiny_data_dir), tmp_path / "run"
+    # 0.05 s per step: an epoch of 32 steps takes >= 1.6 s, so the signal lands inside epoch 2 on a
+    # fast machine as on a loaded one
+    env, run = _env(tiny_data_dir, VGG_GLUON_SLOW_AT="train-step:0.05"), tmp_path / "run"
     proc = _start(["train", *TINY, "--epochs", 3, "--output-dir", tmp_path, "--name", "run"], env)
     _wait_epoch_line(run, 1, proc)
-    time.sleep(0.2 * _epoch_seconds(run, 1.0))  # into epoch 2
+    time.sleep(0.3 * _epoch_seconds(run, 1.6))  # into epoch 2
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
@@ -357,6 +344,28 @@ def test_two_quick_ctrl_c(tiny_data_dir, tmp_path):
     assert "Traceback" not in err
     ck.verify(ck.select_checkpoint(run))
     assert _temps(run) == []
+
+
+def test_second_process_on_a_training_run_is_refused_and_touches_nothing(tiny_data_dir, tmp_path):
+    """While a save is in progress (slowed by the hook), `resume` of the same run exits 1 with one
+    line; it neither removes the save's temporary folder nor writes anything. After the first
+    process ends (here by kill -9, which drops the lock), resume works."""
+    run = tmp_path / "run"
+    proc = _start(["train", *TINY, "--epochs", 3, "--output-dir", tmp_path, "--name", "run"],
+                  _env(tiny_data_dir, VGG_GLUON_SLOW_AT="after-params:20"))
+    try:
+        assert _wait(lambda: any((p / ck.PARAMS).exists() for p in run.glob(".tmp-epoch-*")), proc), \
+            proc.communicate()
+        before = sorted(p.name for p in run.iterdir())
+        r = _run(["resume", run, "--epochs", 3], _env(tiny_data_dir), timeout=120)
+        assert r.returncode == 1, r.stderr
+        line, = r.stderr.strip().splitlines()
+        assert "in use by another vgg-gluon process" in line and f"pid {proc.pid}" in line, line
+        assert sorted(p.name for p in run.iterdir()) == before and _temps(run)
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+    _finish(run, _env(tiny_data_dir), 3)
 
 
 @pytest.mark.slow

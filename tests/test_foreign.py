@@ -1,8 +1,7 @@
 """Tests for vgg_gluon.foreign: tutorial-layout and own-layout .params files, and the errors."""
+import mxnet as mx
 import numpy as np
 import pytest
-
-import mxnet as mx
 from mxnet import autograd, gluon
 from mxnet.gluon import nn
 

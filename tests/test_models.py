@@ -1,8 +1,7 @@
 """Tests for vgg_gluon.models: every spec, with and without BN, eager and hybridized, and the summary."""
+import mxnet as mx
 import numpy as np
 import pytest
-
-import mxnet as mx
 from mxnet import autograd, gluon
 
 from vgg_gluon import models as M

@@ -6,27 +6,21 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke_cli
 from PIL import Image
-
-from vgg_gluon import cli
 
 TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
         "--test-limit", "64", "--quiet"]
 
 
-def _invoke(*args):
-    return CliRunner(mix_stderr=False).invoke(cli.main, [str(a) for a in args])
+def _invoke(*args, **kw):
+    return invoke_cli(*args, mix_stderr=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_data_dir):
     out = tmp_path_factory.mktemp("runs")
-    os.environ["VGG_GLUON_DATA_DIR"] = str(tiny_data_dir)
-    try:
-        r = _invoke("train", *TINY, "--epochs", 1, "--output-dir", out, "--name", "run")
-    finally:
-        del os.environ["VGG_GLUON_DATA_DIR"]
+    r = _invoke("train", *TINY, "--epochs", 1, "--output-dir", out, "--name", "run", data_dir=tiny_data_dir)
     assert r.exit_code == 0, r.output + r.stderr
     return out / "run"
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke_cli
 from PIL import Image
 
 from vgg_gluon import cli
@@ -21,20 +21,16 @@ TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-
         "--test-limit", "64", "--quiet"]
 
 
-def _invoke(*args):
-    return CliRunner(mix_stderr=False).invoke(cli.main, [str(a) for a in args])
+def _invoke(*args, **kw):
+    return invoke_cli(*args, mix_stderr=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_data_dir):
     """A finished two-epoch run, trained with --log-json."""
     out = tmp_path_factory.mktemp("runs")
-    os.environ["VGG_GLUON_DATA_DIR"] = str(tiny_data_dir)
-    try:
-        r = _invoke("train", *TINY, "--epochs", 2, "--output-dir", out, "--name", "run",
-                    "--log-json", out / "log.jsonl")
-    finally:
-        del os.environ["VGG_GLUON_DATA_DIR"]
+    r = _invoke("train", *TINY, "--epochs", 2, "--output-dir", out, "--name", "run",
+                "--log-json", out / "log.jsonl", data_dir=tiny_data_dir)
     assert r.exit_code == 0, r.output + r.stderr
     return out / "run"
 

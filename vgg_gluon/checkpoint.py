@@ -22,6 +22,7 @@ Retention deletes old checkpoints only after the new one is committed, and never
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -125,7 +126,8 @@ def _fault(stage: str) -> None:
 
     VGG_GLUON_CRASH_AT=<stage> kills this process with SIGKILL there; <stage>@N does so the N-th
     time the stage is reached (N-th save of the process). VGG_GLUON_SLOW_AT=<stage>:<seconds>
-    sleeps there, so a test can send signals while a save is in progress. Lets the
+    sleeps there, so a test can send signals while a save is in progress; the stage ``train-step``
+    (after every training step) makes an epoch slow enough to be hit on a fast machine. Lets the
     fault-injection tests hit an exact point of a save in a real training process.
     """
     crash, slow = os.environ.get("VGG_GLUON_CRASH_AT"), os.environ.get("VGG_GLUON_SLOW_AT")
@@ -314,6 +316,41 @@ def read_pointer(run_dir: Path, which: str) -> Optional[Checkpoint]:
     if not m:
         raise CheckpointError(f"{path}: points to '{name}', not a checkpoint name")
     return Checkpoint(Path(run_dir) / name, int(m.group(1)), int(m.group(2) or 0))
+
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold RUN/.lock (flock) while a process trains into `run_dir`, so a second train or resume of
+    the same run is refused instead of deleting the first one's save in progress or interleaving
+    checkpoints. The kernel drops the lock when the process dies, kill -9 included; where the file
+    system has no flock (some network mounts), the run goes on unlocked."""
+    import fcntl
+    path = Path(run_dir) / LOCK
+    try:
+        f = open(path, "a+", encoding="utf-8")
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise CheckpointError(f"{run_dir}: in use by another vgg-gluon process (pid {holder}); wait for it "
+                                  "to finish or stop it (Ctrl-C saves a checkpoint), then resume") from None
+        except OSError:
+            pass  # no flock on this file system
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def cleanup_temp(run_dir: Path) -> int:

@@ -1,6 +1,7 @@
 """Command-line interface: parses, validates and calls; the machine learning lives elsewhere."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -61,9 +62,11 @@ def friendly_errors(fn):
             import errno
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
             if exc.errno == errno.ENOSPC:
-                raise click.ClickException(f"{where}disk full: free some space; the previous checkpoint is intact") from None
+                raise click.ClickException(
+                    f"{where}disk full: free some space; the previous checkpoint is intact") from None
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise click.ClickException(f"{where}not writable ({exc.strerror}): choose another --output-dir") from None
+                raise click.ClickException(
+                    f"{where}not writable ({exc.strerror}): choose another --output-dir") from None
             raise click.ClickException(f"{where}{exc.strerror or exc}") from None
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -151,7 +154,8 @@ run_options = _options(
                       "dist_device_sync or dist_async for workers of `vgg-gluon launch`."),
     click.option("--keep-last", type=int, help="Keep the newest N epoch checkpoints (the best one is always kept)."),
     click.option("--log-interval", type=int, help="Steps between progress-bar updates (default 20)."),
-    click.option("-q", "--quiet", is_flag=True, help="No progress bar and no per-epoch lines (train.log still written)."),
+    click.option("-q", "--quiet", is_flag=True,
+                 help="No progress bar and no per-epoch lines (train.log still written)."),
     click.option("--log-json", type=click.Path(dir_okay=False, allow_dash=True),
                  help="Append one JSON object per epoch (and one at the end) to FILE; '-' = stdout, "
                       "the human lines then go to stderr."),
@@ -402,7 +406,8 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
 @model_options
 @optim_options
 @run_options
-@click.option("--output-dir", type=click.Path(file_okay=False), help="Parent folder of run folders (default checkpoints).")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Parent folder of run folders (default checkpoints).")
 @click.option("--name", "run_name", help="Run folder name (default <dataset>-<arch>-<time>).")
 @friendly_errors
 def train(config_path, quiet, **kwargs):
@@ -424,9 +429,10 @@ def train(config_path, quiet, **kwargs):
         _run_fit(session, Path(cfg.output_dir) / cfg.run_name, Console(True), start_epoch=0)
         return
     run_dir = _new_run_dir(cfg)
-    from vgg_gluon.checkpoint import atomic_write_text
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-    _run_fit(session, run_dir, Console(quiet, run_dir / "train.log"), start_epoch=0)
+    from vgg_gluon.checkpoint import atomic_write_text, run_lock
+    with run_lock(run_dir):
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        _run_fit(session, run_dir, Console(quiet, run_dir / "train.log"), start_epoch=0)
 
 
 @main.command()
@@ -455,7 +461,7 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
       vgg-gluon resume --params TinyVGG11.params --dataset cifar10 --arch vgg11 --epochs 5
     """
     from vgg_gluon import checkpoint as ck
-    from vgg_gluon import engine, report
+    from vgg_gluon import engine
     flags = _flag_settings(kwargs)
     if bool(run) == bool(params_path):
         raise click.UsageError("give either a run folder or --params FILE")
@@ -480,10 +486,20 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
         raise click.UsageError("--config applies to --params; a run folder keeps its own config")
     refused = sorted(set(flags) - RESUME_OVERRIDABLE)
     if refused:
+        allowed = ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_OVERRIDABLE))
         raise click.UsageError(f"--{refused[0].replace('_', '-')} cannot change when resuming a run "
-                               f"(allowed: {', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDABLE))})")
+                               f"(allowed: {allowed})")
     if not run_dir.is_dir():
         raise click.ClickException(f"{run_dir}: no such run folder")
+    # Workers of a distributed job (DMLC_ROLE set by `vgg-gluon launch`) all load the same run and
+    # rank 0 alone writes; everywhere else one process at a time trains a run.
+    with contextlib.nullcontext() if os.environ.get("DMLC_ROLE") else ck.run_lock(run_dir):
+        _resume_run(run_dir, flags, quiet)
+
+
+def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
+    from vgg_gluon import checkpoint as ck
+    from vgg_gluon import engine, report
     ck.cleanup_temp(run_dir)
     if _never_checkpointed(run_dir):
         # Stopped (e.g. killed) inside epoch 1: nothing to load, but the run's settings are known.
@@ -629,7 +645,8 @@ def evaluate(run, which, params_path, as_json, **kwargs):
 
 @main.command("data")
 @click.argument("dataset", type=_choice(DATASETS))
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Target folder (default $VGG_GLUON_DATA_DIR or ./data).")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Target folder (default $VGG_GLUON_DATA_DIR or ./data).")
 @click.option("--from-archive", type=click.Path(exists=True, dir_okay=False),
               help="Unpack a local archive (image folders or the official binary tar) instead of downloading.")
 @click.option("--no-download", is_flag=True, help="Never use the network.")
@@ -650,7 +667,6 @@ def data_cmd(dataset, data_dir, from_archive, no_download):
 
 # summary, predict, export, report, runs: registered on `main` by importing their module.
 from vgg_gluon import cli_tools  # noqa: E402,F401
-
 from vgg_gluon.launch import launch_cmd  # noqa: E402  (no mxnet import: the launcher stays light)
 
 main.add_command(launch_cmd)

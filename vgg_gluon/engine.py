@@ -138,7 +138,7 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
     steps = len(loader)
     loss_acc = [mx.nd.zeros((1,), ctx=c) for c in loader.ctx_list]
     corr_acc = [mx.nd.zeros((1,), ctx=c) for c in loader.ctx_list]
-    read_loss, read_corr, read_samples = partial.loss_sum, partial.correct, partial.samples
+    read_loss, read_corr = partial.loss_sum, partial.correct
     samples, prev_loss, step = partial.samples, None, partial.step
     t0, window_t, window_n = time.time(), time.time(), 0
 
@@ -180,6 +180,7 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
         prev_loss = step_loss
         step += 1
         samples += n
+        ckpt_mod._fault("train-step")   # test-only hook (VGG_GLUON_SLOW_AT=train-step:<s>); a no-op otherwise
         window_n += n
         if on_progress and (step % log_interval == 0 or step == steps):
             total_loss, total_corr = read_totals()
