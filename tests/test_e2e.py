@@ -39,10 +39,11 @@ def test_cifar10_train_resume_evaluate(tmp_path):
     d = _data_dir()
     if not ((d / "cifar10").exists() or (d / "cifar-10-batches-bin").exists()):
         pytest.skip(f"CIFAR-10 not prepared in {d} (make data)")
-    # CIFAR-10 learns slower than Fashion-MNIST: 1,024 images for 2 epochs gave 12.7% on one machine
-    # and >15% on another, so more images, no augmentation and a gentler rate make "it learns" certain.
-    out = _cycle(tmp_path, "cifar10", extra=("--train-limit", "4096", "--no-augment",
-                                             "--lr", "0.05"))
+    # CIFAR-10 starts slower than Fashion-MNIST: 1,024 images with the recipe's crop/flip, dropout 0.5
+    # and cosine gave 12.7% after 2 epochs on CI; 4,096 gave 15-19%. This setting (8,192 images, no
+    # augmentation or dropout, constant rate) measured 35.7-40.4% over seeds 1-3 in ~25 s.
+    out = _cycle(tmp_path, "cifar10", extra=("--train-limit", "8192", "--no-augment", "--dropout", "0",
+                                             "--lr", "0.05", "--lr-schedule", "constant"))
     assert out["accuracy"] > 0.2   # chance is 0.1; 512 test images: 0.2 is 10 standard errors above it
 
 
