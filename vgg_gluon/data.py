@@ -760,6 +760,20 @@ def _nd_on(a: np.ndarray, ctx: "mx.Context", dtype: str = "float32") -> "mx.nd.N
     return mx.nd.array(a, ctx=mx.cpu(), dtype=dtype).as_in_context(ctx)
 
 
+def _zero_pad(y: "mx.nd.NDArray", top: int, bottom: int, left: int, right: int) -> "mx.nd.NDArray":
+    """Zero-pad the last two axes of (B, C, H, W): a zero array and one slice assignment.
+
+    Same result as mx.nd.pad(mode="constant"), whose CPU kernel is ~15x slower here (5.1 vs
+    0.3 ms for 128 x 1 x 28 x 28 -> 32 x 32), which made the padding most of the batch pipeline.
+    """
+    import mxnet as mx
+
+    b, c, h, w = y.shape
+    out = mx.nd.zeros((b, c, h + top + bottom, w + left + right), ctx=y.context, dtype=y.dtype)
+    out[:, :, top:top + h, left:left + w] = y
+    return out
+
+
 def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarray) -> "mx.nd.NDArray":
     """Per-sample crop of y zero-padded by p at offsets (B, 2), then flip where flips (B,).
 
@@ -772,7 +786,7 @@ def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarra
     ctx = y.context
     b, c, h, w = y.shape
     if p:
-        y = mx.nd.pad(y, mode="constant", constant_value=0, pad_width=(0, 0, 0, 0, p, p, p, p))
+        y = _zero_pad(y, p, p, p, p)
         # Rows: (B, C, Hp, Wp) -> (B, Hp, C, Wp) -> (B*Hp, C*Wp); output row i of sample b is
         # padded row b*Hp + dy_b + i.
         hp, wp = h + 2 * p, w + 2 * p
@@ -832,8 +846,7 @@ def transform_batch(x: "mx.nd.NDArray", *, mean: Sequence[float], std: Sequence[
         return mx.nd.contrib.BilinearResize2D(y, height=size, width=size)
     if not image_size and pad_to and (h < pad_to or w < pad_to):
         top, left = (pad_to - h) // 2, (pad_to - w) // 2
-        y = mx.nd.pad(y, mode="constant", constant_value=0,
-                      pad_width=(0, 0, 0, 0, top, max(pad_to - h, 0) - top, left, max(pad_to - w, 0) - left))
+        y = _zero_pad(y, top, max(pad_to - h, 0) - top, left, max(pad_to - w, 0) - left)
     if do_crop or flip_mask.any():
         y = _crop_flip(y, int(crop_pad) if do_crop else 0, offsets if do_crop else zero_offsets, flip_mask)
     return mx.nd.broadcast_mul(mx.nd.broadcast_sub(y, m), inv)
