@@ -482,3 +482,24 @@ def test_two_devices_with_batch_norm_stop_and_resume_equal_uninterrupted(tmp_pat
     worst = max(float(np.abs(full[k].asnumpy() - part[k].asnumpy()).max() / np.abs(full[k].asnumpy()).max())
                 for k in stats)
     assert stats and worst < 1e-5
+
+
+@pytest.mark.slow
+def test_two_cpu_devices_with_batch_norm_repeat_exactly(tmp_path, cli_env):
+    """The same 2-device BatchNorm run, three times: identical weights and running statistics.
+    With static_alloc, two CPU contexts raced on MXNet's shared CPU temp space and about half of
+    such runs (under load) ended with different running means; the network is now hybridized
+    without static_alloc on several CPU contexts."""
+    import mxnet as mx
+
+    from vgg_gluon import checkpoint as ck
+    args = [*TINY, "--epochs", 2, "--dropout", 0, "--ctx", "cpu:0,1", "--output-dir", tmp_path]
+    runs = []
+    for n in range(3):
+        assert CliRunner().invoke(cli.main, ["train", *map(str, args), "--name", f"r{n}"]).exit_code == 0
+        runs.append(mx.nd.load(str(ck.select_checkpoint(tmp_path / f"r{n}").file(ck.PARAMS))))
+    assert any("running_mean" in k for k in runs[0])
+    for other in runs[1:]:
+        assert other.keys() == runs[0].keys()
+        for k in runs[0]:
+            np.testing.assert_allclose(runs[0][k].asnumpy(), other[k].asnumpy(), rtol=1e-5, atol=1e-6, err_msg=k)
