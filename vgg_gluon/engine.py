@@ -307,11 +307,11 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     if cfg.dtype != "float32":
         net.cast(cfg.dtype)  # BatchNorm keeps float32 parameters (Gluon's BatchNorm.cast)
     if cfg.hybridize:
-        # Several CPU contexts (the stand-in for several GPUs) share MXNet's one CPU temp-space
-        # pool, and with static_alloc their BatchNorm running statistics then race: measured
-        # here, 2-device runs of the same seed ended with different running means in about half
-        # of the runs under load, never without static_alloc or with one device. GPUs each have
-        # their own temp space, so they keep static_alloc.
+        # Several CPU contexts (the stand-in for several GPUs) with static_alloc: their BatchNorm
+        # running statistics race. Measured here: 2-device runs of the same seed ended with
+        # different running means in about half of the runs under load, never without
+        # static_alloc or with one device. Not traced inside MXNet; the likely cause is that all
+        # CPU contexts share one temp-space pool, which GPUs do not, so GPUs keep static_alloc.
         static = not (len(ctx_list) > 1 and all(c.device_type == "cpu" for c in ctx_list))
         net.hybridize(static_alloc=static, static_shape=static)
     common = dict(mean=dataset.mean, std=dataset.std, pad_to=data_mod.native_size(cfg.dataset),
