@@ -487,9 +487,9 @@ def test_two_devices_with_batch_norm_stop_and_resume_equal_uninterrupted(tmp_pat
 @pytest.mark.slow
 def test_two_cpu_devices_with_batch_norm_repeat_exactly(tmp_path, cli_env):
     """The same 2-device BatchNorm run, three times: identical weights and running statistics.
-    With static_alloc, two CPU contexts raced on MXNet's shared CPU temp space and about half of
-    such runs (under load) ended with different running means; the network is now hybridized
-    without static_alloc on several CPU contexts."""
+    With static_alloc, two CPU contexts' BatchNorm statistics raced (cause inside MXNet not
+    traced) and about half of such runs under load ended with different running means; the
+    network is now hybridized without static_alloc on several CPU contexts."""
     import mxnet as mx
 
     from vgg_gluon import checkpoint as ck
