@@ -366,8 +366,10 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
     def on_epoch(row, best):
         rows.append(row)
         console.epoch(row, cfg.epochs, best)
-    console.line(f"run {run_dir}: {cfg.dataset} ({len(session.dataset.train.labels)} train / "
-                 f"{len(session.dataset.test.labels)} test), {cfg.arch} width {cfg.width:g}"
+    # The data's folder is named: a --data-dir without the files falls back to Debian's copy.
+    ds = session.dataset
+    console.line(f"run {run_dir}: {cfg.dataset} from {ds.source} ({len(ds.train.labels)} train / "
+                 f"{len(ds.test.labels)} test), {cfg.arch} width {cfg.width:g}"
                  f"{' +BN' if cfg.batch_norm else ''}, input {tuple(session.input_shape)}, "
                  f"ctx {ctx_string(session.ctx_list)}, epochs {start_epoch + 1}..{cfg.epochs}")
     console.record("start", run=str(run_dir), first_epoch=start_epoch + 1, epochs=cfg.epochs,
