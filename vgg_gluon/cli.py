@@ -124,7 +124,8 @@ model_options = _options(
     click.option("--fc-units", type=int, help="Units of the two hidden dense layers (default 4096 x width)."),
     click.option("--dropout", type=float, help="Dropout after each hidden dense layer (default 0.5)."),
     click.option("--hybridize/--no-hybridize", default=None,
-                 help="Compile the network (static_alloc, static_shape). Default on."),
+                 help="Compile the network (static_alloc, static_shape; several CPU contexts compile "
+                      "without them, which race there). Default on."),
 )
 
 optim_options = _options(
