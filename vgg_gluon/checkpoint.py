@@ -153,7 +153,7 @@ _ALLOWED_GLOBALS = {
 }
 # Optimizer and LR-scheduler classes are admitted by module, but only real subclasses.
 _OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer")
-_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler")
+_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler", "vgg_gluon.optim")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

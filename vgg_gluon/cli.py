@@ -529,8 +529,9 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
     if isinstance(want, int) and got != want:
         raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
                                  f"saved at update {want} (a .states file from another checkpoint?)")
-    if cfg.epochs != meta["config"]["epochs"] and (session.dist is None or session.dist.sync):
-        # More (or fewer) epochs: the schedule is rebuilt for the new length at the same update count.
+    if session.dist is None or session.dist.sync:
+        # The schedule is always rebuilt from the settings at the same update count: for a new
+        # --epochs, and so that a schedule pickled by an older version is not trusted.
         # (dist_async: distributed.load_trainer_states already gave the servers the new schedule.)
         session.trainer._optimizer.lr_scheduler = engine.make_lr_scheduler(cfg, len(session.train_loader))
     session.history = _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
