@@ -55,3 +55,55 @@ def test_tiny_smoke_runs_finish_and_resume(tmp_path, cli_env, extra):
     assert len(hist) == 1 + int(extra[1])
     r = invoke_cli("resume", tmp_path / "smoke", "--epochs", str(int(extra[1]) + 1), "-q")
     assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. bad values: exit 2, naming the option as typed; a bad value in a file: exit 1, naming the file
+@pytest.mark.parametrize("args, option", [
+    (["--width", "-1"], "--width"), (["--epochs", "0"], "--epochs"), (["--batch-size", "0"], "--batch-size"),
+    (["--dropout", "1.5"], "--dropout"), (["--lr-steps", "a,b"], "--lr-steps"),
+    (["--lr-schedule", "step", "--lr-steps", "5,2"], "--lr-steps"), (["--momentum", "1"], "--momentum"),
+    (["--name", "a/b"], "--name"), (["--epochs", "1", "--warmup-epochs", "2"], "--warmup-epochs"),
+])
+def test_bad_values_exit_2_naming_the_option(args, option, cli_env, tmp_path):
+    r = invoke_cli("train", *args, "--output-dir", tmp_path)
+    assert r.exit_code == 2, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert len(errors) == 1 and f"'{option}'" in errors[0], r.output
+    assert "_" not in errors[0].split(":")[1], r.output   # no Python field names in the option part
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_value_in_a_recipe_file_exits_1_naming_the_file(cli_env, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("width: -1\n")
+    r = invoke_cli("train", "--config", recipe)
+    assert r.exit_code == 1 and f"{recipe}: width must be positive" in r.output, r.output
+
+
+def test_typed_option_against_a_file_value_is_named(cli_env, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("epochs: 4\n")
+    r = invoke_cli("train", "--config", recipe, "--warmup-epochs", "5")
+    assert r.exit_code == 2 and "Invalid value for '--warmup-epochs': must be less than epochs (4)" in r.output, \
+        r.output
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. one set of defaults per data set: bare flags = experiments/<dataset>.yaml = the Makefile's
+@pytest.mark.parametrize("dataset, yaml_name", [("fashion-mnist", "fashion_mnist.yaml"), ("cifar10", "cifar10.yaml")])
+def test_bare_flags_get_the_data_sets_recipe(dataset, yaml_name):
+    from conftest import REPO
+
+    from vgg_gluon.cli import resolve_config
+    from_yaml = resolve_config(str(REPO / "experiments" / yaml_name), {})
+    from_flags = resolve_config(None, {"dataset": dataset})
+    assert from_flags.to_dict() == from_yaml.to_dict()
+
+
+def test_quick_trial_of_a_recipe_keeps_its_warmup_share():
+    from vgg_gluon.cli import resolve_config
+    from vgg_gluon.config import RECIPES
+    cfg = resolve_config(None, {"dataset": "cifar10", "epochs": 1})
+    r = RECIPES["cifar10"]
+    assert cfg.warmup_epochs == pytest.approx(r["warmup_epochs"] / r["epochs"])
