@@ -107,3 +107,117 @@ def test_quick_trial_of_a_recipe_keeps_its_warmup_share():
     cfg = resolve_config(None, {"dataset": "cifar10", "epochs": 1})
     r = RECIPES["cifar10"]
     assert cfg.warmup_epochs == pytest.approx(r["warmup_epochs"] / r["epochs"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. a mid-epoch checkpoint is named after the epoch it belongs to; old names are still read
+def _stop_after(monkeypatch, n_calls):
+    from vgg_gluon import cli
+    calls = {"n": 0}
+
+    def stop(self):
+        calls["n"] += 1
+        return calls["n"] >= n_calls
+    monkeypatch.setattr(cli.StopFlag, "__call__", stop)
+    monkeypatch.setattr(cli.StopFlag, "signum", 2, raising=False)
+
+
+def test_mid_epoch_checkpoint_named_after_its_epoch(tmp_path, cli_env, monkeypatch):
+    from vgg_gluon import checkpoint as ck
+    from vgg_gluon import cli
+    _stop_after(monkeypatch, 6)   # 4 steps per epoch (+1 check at its end): stops in epoch 2 after step 1
+    r = invoke_cli("train", *TINY, "--train-limit", "256", "--epochs", "3", "--output-dir", tmp_path, "--name", "r")
+    assert r.exit_code == 130, r.output
+    run = tmp_path / "r"
+    assert "stopped in epoch 2 after step 1" in r.output and "epoch-0002-step-00001" in r.output, r.output
+    assert (run / "epoch-0002-step-00001").is_dir()
+    c = ck.select_checkpoint(run, "last")
+    assert (c.epoch, c.step) == (1, 1)
+    monkeypatch.setattr(cli.StopFlag, "__call__", lambda self: False)
+    r = invoke_cli("resume", run)
+    assert r.exit_code == 0 and "(epoch 2, step 1)" in r.output, r.output
+    assert [row["epoch"] for row in __import__("vgg_gluon.report").report.read_history(run / "history.csv")] == [1, 2, 3]
+
+
+def test_old_mid_epoch_names_still_resume(tmp_path, cli_env, monkeypatch):
+    """A folder written before the rename (epoch-0001-step-00001 = inside epoch 2) resumes at epoch 2."""
+    import json as _json
+
+    from vgg_gluon import checkpoint as ck
+    from vgg_gluon import cli
+    _stop_after(monkeypatch, 6)
+    r = invoke_cli("train", *TINY, "--train-limit", "256", "--epochs", "3", "--output-dir", tmp_path, "--name", "r")
+    assert r.exit_code == 130, r.output
+    run = tmp_path / "r"
+    (run / "epoch-0002-step-00001").rename(run / "epoch-0001-step-00001")
+    last = _json.loads((run / "last.json").read_text())
+    (run / "last.json").write_text(_json.dumps(dict(last, checkpoint="epoch-0001-step-00001")))
+    c = ck.select_checkpoint(run, "last")
+    assert (c.name, c.epoch, c.step) == ("epoch-0001-step-00001", 1, 1)
+    assert [(x.epoch, x.step) for x in ck.list_checkpoints(run)] == [(1, 0), (1, 1)]
+    monkeypatch.setattr(cli.StopFlag, "__call__", lambda self: False)
+    r = invoke_cli("resume", run)
+    assert r.exit_code == 0 and "(epoch 2, step 1)" in r.output, r.output
+    assert (run / "epoch-0003").is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. every figure names its split; "best" with --val-split is the validation choice everywhere
+def test_validation_best_is_labelled_everywhere(tmp_path, cli_env):
+    from vgg_gluon import report
+    log = tmp_path / "log.jsonl"
+    r = invoke_cli("train", *TINY, "--train-limit", "256", "--val-split", "0.25", "--epochs", "3",
+                   "--output-dir", tmp_path, "--name", "v", "--log-json", log)
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "v"
+    hist = report.read_history(run / "history.csv")
+    best = max(hist, key=lambda h: (h["val_acc"], -h["epoch"]))
+    end = [json.loads(ln) for ln in log.read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["best_split"] == "val" and end["best_epoch"] == best["epoch"]
+    assert end["best_acc"] == pytest.approx(best["val_acc"]) and end["best_test_acc"] == pytest.approx(best["test_acc"])
+    assert end["last_test_acc"] == pytest.approx(hist[-1]["test_acc"])
+    pointer = json.loads((run / "best.json").read_text())
+    assert pointer["epoch"] == best["epoch"] and pointer["val_acc"] == pytest.approx(best["val_acc"])
+    md = (run / "report.md").read_text()
+    assert f"Best epoch {best['epoch']}, chosen on validation accuracy: val accuracy {best['val_acc']:.4f}" in md
+    r = invoke_cli("runs", "--dir", tmp_path, "--json")
+    row = json.loads(r.output)[0]
+    assert (row["best_split"], row["best_epoch"]) == ("val", best["epoch"])
+    r = invoke_cli("evaluate", run, "--json")
+    assert json.loads(r.output)["epoch"] == best["epoch"]
+
+
+def test_done_line_names_the_split_and_warns_on_test_selection():
+    from vgg_gluon.cli import done_line
+    from vgg_gluon.report import best_summary
+    rows = [{"epoch": 1, "test_acc": 0.5, "val_acc": 0.7}, {"epoch": 2, "test_acc": 0.6, "val_acc": 0.65}]
+    assert done_line(best_summary(rows)) == ("done: last epoch (2) test accuracy 0.6000; best epoch 1 by validation "
+                                             "accuracy 0.7000 (test accuracy 0.5000)")
+    rows = [{"epoch": 1, "test_acc": 0.5}, {"epoch": 2, "test_acc": 0.6}, {"epoch": 3, "test_acc": 0.55}]
+    assert done_line(best_summary(rows)) == ("done: last epoch (3) test accuracy 0.5500; best epoch 2 by test "
+                                             "accuracy 0.6000 (chosen on the test set)")
+
+
+def test_train_warns_that_best_is_chosen_on_test(tmp_path, cli_env):
+    r = invoke_cli("train", *TINY[:-1], "--train-limit", "128", "--epochs", "1", "--output-dir", tmp_path)
+    assert r.exit_code == 0 and "no --val-split, so the 'best' checkpoint is chosen on test accuracy" in r.output
+
+
+def test_curves_have_whole_epoch_ticks_and_no_negative_rate(tmp_path):
+    from vgg_gluon import report
+    captured = {}
+    import matplotlib.figure
+    orig = matplotlib.figure.Figure.savefig
+
+    def spy(self, *a, **k):
+        captured["axes"] = [(ax.get_xticks().tolist(), ax.get_ylim()) for ax in self.axes]
+        return orig(self, *a, **k)
+    matplotlib.figure.Figure.savefig = spy
+    try:
+        report.plot_curves(tmp_path / "c.png", [{"epoch": 1, "train_loss": 1.0, "test_loss": 1.1, "train_acc": 0.5,
+                                                  "test_acc": 0.4, "lr": 0.0}])
+    finally:
+        matplotlib.figure.Figure.savefig = orig
+    for ticks, _ in captured["axes"]:
+        assert all(float(t).is_integer() for t in ticks), ticks
+    assert captured["axes"][2][1][0] == 0   # LR panel starts at 0

@@ -398,10 +398,21 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def done_line(o: Dict[str, Any]) -> str:
+    """The last line of a finished run: every figure names its split."""
+    text = f"done: last epoch ({o['last_epoch']}) test accuracy {o['last_test_acc']:.4f}"
+    if o["best_epoch"] is None:
+        return text
+    if o["best_split"] == "val":
+        return text + (f"; best epoch {o['best_epoch']} by validation accuracy {o['best_acc']:.4f} "
+                       f"(test accuracy {o['best_test_acc']:.4f})")
+    return text + f"; best epoch {o['best_epoch']} by test accuracy {o['best_acc']:.4f} (chosen on the test set)"
+
+
 def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, partial=None,
              best_acc: float = -1.0) -> None:
     """Train, print, and exit with the code that says how it ended."""
-    from vgg_gluon import engine
+    from vgg_gluon import engine, report
     from vgg_gluon.runs import RunMarker
     from vgg_gluon.runtime import ctx_string
     cfg = session.cfg
@@ -418,6 +429,9 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                  f"{len(ds.test.labels)} test), {cfg.arch} width {cfg.width:g}"
                  f"{' +BN' if cfg.batch_norm else ''}, input {tuple(session.input_shape)}, "
                  f"ctx {ctx_string(session.ctx_list)}, epochs {start_epoch + 1}..{cfg.epochs}")
+    if session.val_loader is None:
+        console.line("note: no --val-split, so the 'best' checkpoint is chosen on test accuracy (optimistic); "
+                     "the last epoch's test accuracy is the fair figure")
     console.record("start", run=str(run_dir), first_epoch=start_epoch + 1, epochs=cfg.epochs,
                    config=cfg.to_dict())
     # RunMarker: RUN/.running.json while training (`vgg-gluon runs` tells running from crashed)
@@ -427,7 +441,8 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                             should_stop=dist.stop_checker(stop) if dist else stop,
                             is_writer=dist is None or dist.is_writer)
     console.close_bar()
-    console.record("end", status=result.status, epoch=result.epoch, best_acc=result.best_acc)
+    outcome = report.best_summary(session.history if session.history else rows)
+    console.record("end", status=result.status, epoch=result.epoch, **outcome)
     if dist is not None:
         from vgg_gluon import distributed
         dist.dump_for_tests(session.net, rows)
@@ -436,8 +451,7 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
         if dist is None or dist.is_writer:
             from vgg_gluon.inspection import report_after_training_safely
             report_after_training_safely(session, run_dir, console.line)  # never raises
-        console.line(f"done: best test accuracy {result.best_acc:.4f}; evaluate with "
-                     f"`vgg-gluon evaluate {run_dir}`")
+        console.line(done_line(outcome) + f"; evaluate with `vgg-gluon evaluate {run_dir}`")
         return
     if result.status == "nonfinite":
         console.line(f"Error: {result.message}; last good checkpoint kept in {run_dir}", err=True)
