@@ -136,7 +136,8 @@ def test_mid_epoch_checkpoint_named_after_its_epoch(tmp_path, cli_env, monkeypat
     monkeypatch.setattr(cli.StopFlag, "__call__", lambda self: False)
     r = invoke_cli("resume", run)
     assert r.exit_code == 0 and "(epoch 2, step 1)" in r.output, r.output
-    assert [row["epoch"] for row in __import__("vgg_gluon.report").report.read_history(run / "history.csv")] == [1, 2, 3]
+    from vgg_gluon.report import read_history
+    assert [row["epoch"] for row in read_history(run / "history.csv")] == [1, 2, 3]
 
 
 def test_old_mid_epoch_names_still_resume(tmp_path, cli_env, monkeypatch):

@@ -16,8 +16,18 @@ import click
 
 import vgg_gluon
 from vgg_gluon.cli_group import SuggestingGroup
-from vgg_gluon.config import (ARCHS, DATASETS, DTYPES, KVSTORES, OPTIMIZERS, RECIPES, SCHEDULES, ConfigError,
-                              RunConfig, SettingError)
+from vgg_gluon.config import (
+    ARCHS,
+    DATASETS,
+    DTYPES,
+    KVSTORES,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+    ConfigError,
+    RunConfig,
+    SettingError,
+)
 
 log = logging.getLogger("vgg_gluon")
 
