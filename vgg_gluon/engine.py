@@ -194,14 +194,17 @@ def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
     """Accuracy, mean loss, per-class accuracy, confusion matrix and img/s over one split."""
     loss_fn = loss_fn or gluon.loss.SoftmaxCrossEntropyLoss()
     t0 = time.time()
-    loss_sums, preds, truths = [], [], []
+    loss_sums, preds, truths, in_top = [], [], [], []
     in_dtype = input_dtype(net)
+    top_k = min(5, num_classes)
     for data, labels in loader.epoch(0):
         for x, y in zip(data, labels):
             out = net(x.astype(in_dtype, copy=False)).astype("float32", copy=False)
             loss_sums.append(loss_fn(out, y).sum())
             preds.append(out.argmax(axis=1).as_in_context(mx.cpu()))
             truths.append(y.as_in_context(mx.cpu()))
+            top = mx.nd.topk(out, axis=1, k=top_k)            # (B, k) class indices
+            in_top.append((top == y.reshape((-1, 1))).sum())
     pred = mx.nd.concat(*preds, dim=0).asnumpy().astype(np.int64) if preds else np.zeros(0, np.int64)
     true = mx.nd.concat(*truths, dim=0).asnumpy().astype(np.int64) if truths else np.zeros(0, np.int64)
     loss_total = _sum_scalars(loss_sums)
@@ -211,7 +214,9 @@ def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
     np.add.at(confusion, (true, pred), 1)
     per_class = [float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else float("nan")
                  for c in range(num_classes)]
+    top_hits = _sum_scalars(in_top)
     return {"loss": loss_total / max(n, 1), "acc": float((pred == true).mean()) if n else float("nan"),
+            "top5_acc": top_hits / n if n else float("nan"), "top_k": top_k,
             "samples": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9),
             "per_class_acc": per_class, "confusion": confusion.tolist()}
 
@@ -250,7 +255,7 @@ class Session:
 
 
 def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_source=None,
-                  dataset=None) -> Session:
+                  dataset=None, eval_batch_size: Optional[int] = None) -> Session:
     """Load data, build the network on every context and (when training) the Trainer.
 
     params_source: None (fresh init), a Checkpoint, or a path to a bare .params file.
@@ -282,9 +287,7 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     elif params_source is not None:
         from vgg_gluon import foreign
         models.initialize(net, ctx_list, seed=cfg.seed)
-        report_ = foreign.load_params_any(net, Path(params_source), ctx_list, input_shape=shape)
-        log.info("%s", report_.message)
-        s.foreign_report = report_
+        s.foreign_report = foreign.load_params_any(net, Path(params_source), ctx_list, input_shape=shape)
     else:
         models.initialize(net, ctx_list, seed=cfg.seed)
     if cfg.dtype != "float32":
@@ -299,7 +302,9 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         net.hybridize(static_alloc=static, static_shape=static)
     common = dict(mean=dataset.mean, std=dataset.std, pad_to=data_mod.native_size(cfg.dataset),
                   image_size=cfg.image_size)
-    eval_bs = max(cfg.batch_size, 256)
+    # Training evaluates in batches of at least 256 (faster, same result); the evaluate command's
+    # --batch-size is taken as given (memory).
+    eval_bs = eval_batch_size or max(cfg.batch_size, 256)
     s.eval_loader = data_mod.BatchLoader(dataset.test, eval_bs, ctx_list, train=False, **common)
     if dataset.val is not None:
         s.val_loader = data_mod.BatchLoader(dataset.val, eval_bs, ctx_list, train=False, **common)

@@ -97,6 +97,9 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
     prep = meta.get("preprocessing")
     if not prep or "classes" not in prep:
         raise InspectError(f"{c.path}/meta.json: no preprocessing recorded (checkpoint too old)")
+    if isinstance(ctx, str):   # --ctx of predict/export/report: one device is enough, the first
+        from vgg_gluon.runtime import resolve_ctx
+        ctx = resolve_ctx(ctx)[0]
     ctx = ctx or mx.cpu()
     net = models.build_vgg(cfg.arch, len(prep["classes"]), width=cfg.width, batch_norm=cfg.batch_norm,
                            fc_units=cfg.fc_units, dropout=cfg.dropout)
@@ -171,27 +174,14 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
     """Any PNG/JPEG (any size or mode) -> uint8 (size, size, channels) as the data set stores images:
     grayscale (L) for 1 channel, RGB for 3, resized with bilinear filtering like image folders are.
     Raises InspectError with a one-line reason."""
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    from vgg_gluon.imagefile import read_image
     # gluoncv (imported for the LR schedulers) sets ImageFile.LOAD_TRUNCATED_IMAGES = True for the
     # whole process, which would turn a truncated file into a silently half-gray picture.
     lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with Image.open(path) as im:
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # broken EXIF: keep the pixels as stored
-                pass
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                a = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if a.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-            if im.mode == "P":
-                im = im.convert("RGBA")
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+        arr = read_image(path, channels, size)
     except FileNotFoundError:
         raise InspectError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -203,7 +193,7 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
         raise InspectError(f"{path}: unreadable image ({why})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
-    return arr.reshape(size, size, channels)
+    return arr
 
 
 def to_input(images: np.ndarray, prep: Dict[str, Any], ctx):
@@ -293,13 +283,16 @@ def export(model: RunModel, out_dir: Path) -> Dict[str, Path]:
     }
     (out_dir / "preprocessing.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     (out_dir / "serve_example.py").write_text(SERVE_EXAMPLE, encoding="utf-8")
+    from vgg_gluon import imagefile  # the very decoding predict uses, so the export cannot drift
+    (out_dir / "vgg_image.py").write_text(Path(imagefile.__file__).read_text(encoding="utf-8"), encoding="utf-8")
     return {"symbol": out_dir / info["symbol"], "params": out_dir / info["params"],
-            "preprocessing": out_dir / "preprocessing.json", "example": out_dir / "serve_example.py"}
+            "preprocessing": out_dir / "preprocessing.json", "example": out_dir / "serve_example.py",
+            "decoder": out_dir / "vgg_image.py"}
 
 
 SERVE_EXAMPLE = '''"""Classify images with an exported vgg-gluon model: needs mxnet, numpy and Pillow only.
 
-    python serve_example.py IMAGE [IMAGE ...]
+    python serve_example.py [--json] IMAGE [IMAGE ...]
 """
 import json
 import sys
@@ -308,9 +301,10 @@ from pathlib import Path
 
 import mxnet as mx
 import numpy as np
-from PIL import Image
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from vgg_image import read_image  # noqa: E402
 info = json.loads((HERE / "preprocessing.json").read_text())
 with warnings.catch_warnings():  # MXNet warns that the input type is only known at the first call
     warnings.simplefilter("ignore", UserWarning)
@@ -319,11 +313,10 @@ with warnings.catch_warnings():  # MXNet warns that the input type is only known
 
 
 def preprocess(path):
-    im = Image.open(path).convert(info["color_mode"])
     src = info["source_size"]
-    if im.size != (src, src):
-        im = im.resize((src, src), Image.BILINEAR)
-    x = np.asarray(im, dtype=np.float32).reshape(src, src, info["channels"]).transpose(2, 0, 1)[None]
+    # vgg_image.py (next to this file) decodes exactly as `vgg-gluon predict` does: EXIF orientation,
+    # 16-bit grayscale, palettes, then grayscale or RGB at the data set's size.
+    x = read_image(path, info["channels"], src).astype(np.float32).transpose(2, 0, 1)[None]
     mean = np.array(info["mean"], np.float32).reshape(1, -1, 1, 1)
     std = np.array(info["std"], np.float32).reshape(1, -1, 1, 1)
     x = mx.nd.array(x)
@@ -339,10 +332,14 @@ def preprocess(path):
     return (x - mx.nd.array(mean)) / mx.nd.array(std)
 
 
-for path in sys.argv[1:]:
+as_json = "--json" in sys.argv[1:]   # one JSON object per image with every class's probability
+for path in (a for a in sys.argv[1:] if a != "--json"):
     p = mx.nd.softmax(net(preprocess(path)), axis=1).asnumpy()[0]
     best = int(p.argmax())
-    print(f"{path}: {info['classes'][best]} {p[best]:.3f}")
+    if as_json:
+        print(json.dumps({"file": path, "probabilities": dict(zip(info["classes"], map(float, p)))}))
+    else:
+        print(f"{path}: {info['classes'][best]} {p[best]:.3f}")
 '''
 
 
@@ -385,11 +382,11 @@ def write_report(run_dir: Path, net, dataset, prep: Dict[str, Any], ctx, *, chec
     return out
 
 
-def report_for_run(run_dir: Path, which: str = "best", data_dir: Optional[str] = None,
+def report_for_run(run_dir: Path, which: str = "best", data_dir: Optional[str] = None, ctx=None,
                    test_limit: Optional[int] = None) -> Dict[str, Path]:
     """`vgg-gluon report RUN`: load the run's data set and checkpoint, write the report."""
     from vgg_gluon import data as data_mod
-    model = load_run_model(run_dir, which)
+    model = load_run_model(run_dir, which, ctx)
     cfg = model.cfg
     folder = data_dir or cfg.data_dir
     dataset = data_mod.load_dataset(cfg.dataset, Path(folder) if folder else None,
