@@ -128,6 +128,10 @@ class MXWorker:
         self.s = self.engine.build_session(cfg, dataset=self.dataset)
         self.cfg = cfg
         ctx = self.s.ctx_list
+        if a.get("static_alloc"):
+            # build_session turns static_alloc off for several CPU contexts (a BatchNorm
+            # running-statistics race); the "ctx2_static" lever measures what that costs.
+            self.s.net.hybridize(static_alloc=True, static_shape=True)
         # One pre-made batch, split over the contexts as the real loader splits it.
         per = [a["batch"] // len(ctx) + (1 if i < a["batch"] % len(ctx) else 0) for i in range(len(ctx))]
         xs, ys = [], []
@@ -893,6 +897,7 @@ LEVERS = {
     "omp1": ({"OMP_NUM_THREADS": "1"}, {}),                        # one context, one thread
     "omp1_b64": ({"OMP_NUM_THREADS": "1"}, {"batch": 64}),         # what each replica does
     "ctx2_omp2": ({}, {"ctx": "cpu:0,1"}),                         # two replicas, product threads
+    "ctx2_omp1_static": ({"OMP_NUM_THREADS": "1"}, {"ctx": "cpu:0,1", "static_alloc": True}),
     "agg1": ({"MXNET_OPTIMIZER_AGGREGATION_SIZE": "1"}, {}),       # no multi_sgd_mom_update
     "agg60": ({"MXNET_OPTIMIZER_AGGREGATION_SIZE": "60"}, {}),     # one update call for all params
     "nobulk": ({"MXNET_EXEC_BULK_EXEC_TRAIN": "0"}, {}),
