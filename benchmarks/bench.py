@@ -826,6 +826,18 @@ def throughput(args) -> dict:
         mxw.close()
         thw.close()
     res["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print("# summary (img/s medians; ratio = ours / fastest peer, [min-max of the pair ratios]; "
+          "share = training GFLOP/s / theoretical peak)")
+    for row in res["runs"]:
+        f = row["fastest_peer"]
+        alone = row.get("alone_check", {})
+        ok = sum(c["within_noise"] for c in alone.values())
+        print(f"#  {row['size']:>3}px {'BN   ' if row['bn'] else 'no-BN'} ours {row['img_s']['mx_syn']:8.1f}  "
+              f"fastest peer {PEER_LABEL[f] if f else '-'} {row['img_s'][f] if f else 0:8.1f}  "
+              f"ratio {row['ratio_vs_fastest'] or 0:.2f}x [{min(row['pair_ratios'][f]) if f else 0:.2f}-"
+              f"{max(row['pair_ratios'][f]) if f else 0:.2f}]  share ours {row['share_of_peak']['mx_syn']:.0%} / "
+              f"peer {row['share_of_peak'][f] if f else 0:.0%}"
+              + (f"  alone check: {ok} of {len(alone)} within the noise" if alone else ""), flush=True)
     print(f"# load average at the end: {res['machine']['load_avg_end']}")
     return res
 
