@@ -440,7 +440,8 @@ def machine() -> dict:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "mem_gib": round(mem, 1),
+    return {"cpu": model, "isa": cpu_facts()["isa"], "cores": len(os.sched_getaffinity(0)),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "mem_gib": round(mem, 1),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "load_avg": [round(v, 2) for v in os.getloadavg()]}
 
