@@ -16,9 +16,9 @@ a core the timed one needs (both wheels use GNU libgomp, which spins after each 
 KMP_BLOCKTIME does not apply to it). Every timed unit is a "chunk" of K training steps ending in
 a full synchronisation; the figure per step is chunk time / K, the reported value the median over
 >= 5 chunks after warm-up, printed with the min-max of the chunks and, for every peer, the spread
-of the per-round pair ratios. After each row, MXNet and the PyTorch peers are timed again in
-fresh processes running alone ("alone check"), and the bench prints whether its own figures lie
-within the noise of the stand-alone ones.
+of the per-round pair ratios. After each row, each framework's worker is timed again chunk for
+chunk against a fresh process of the same framework that has never run beside the other one
+("alone check"), and the bench prints whether the two agree within the noise.
 
 The MXNet side is the project's own code path: `engine.build_session` (the real Fashion-MNIST
 BatchLoader with shuffling and crop+flip augmentation, the hybridized VGG, the Trainer) and
