@@ -147,11 +147,13 @@ class MXWorker:
     def _run(self, loader):
         s = self.s
         mx = self.mx
-        t0 = time.perf_counter()
+        c0, t0 = os.times(), time.perf_counter()
         self.engine.train_one_epoch(s.net, s.trainer, loader, s.loss_fn, epoch=self.epoch,
                                     num_classes=10, log_interval=10 ** 9, seed=self.seed)
         mx.nd.waitall()
-        return time.perf_counter() - t0
+        c1, dt = os.times(), time.perf_counter() - t0
+        self.cpu_s = (c1.user - c0.user) + (c1.system - c0.system)  # all threads of this process
+        return dt
 
     def train(self, a):
         k = a["steps"]
@@ -163,7 +165,8 @@ class MXWorker:
                 self.real_pos, self.epoch = 0, self.epoch + 1
             loader = _LoaderWindow(self.s.train_loader, self.real_pos, k)
             self.real_pos += k
-        return {"seconds": self._run(loader)}
+        sec = self._run(loader)
+        return {"seconds": sec, "cpu_seconds": self.cpu_s}
 
     def pipeline(self, a):
         """The real BatchLoader alone: per-batch time to gather, copy and transform (crop, flip,
@@ -981,17 +984,22 @@ def levers(args) -> dict:
                 workers[name]("train", steps=k, data="synthetic")
                 print(f"# {name}: env {env} setup {over} contexts {info['ctx']}", flush=True)
             t = {n: [] for n in names}
+            busy = {n: [] for n in names}  # CPU seconds of the worker per wall second: cores kept busy
             for r in range(rounds):
                 order = names[r % len(names):] + names[:r % len(names)]
                 for name in order:
-                    t[name].append(workers[name]("train", steps=k, data="synthetic")["seconds"] / k)
+                    out = workers[name]("train", steps=k, data="synthetic")
+                    t[name].append(out["seconds"] / k)
+                    busy[name].append(out["cpu_seconds"] / out["seconds"])
             ips = {n: batch[n] / _med(v) for n, v in t.items()}
             pair = {n: [(batch[n] / tn) / (batch["base"] / tb) for tn, tb in zip(t[n], t["base"])] for n in names}
-            res["sizes"][size] = {"img_s": ips, "pair_ratio_to_base": pair, "raw_step_s": t, "batch": batch}
+            res["sizes"][size] = {"img_s": ips, "pair_ratio_to_base": pair, "raw_step_s": t, "batch": batch,
+                                  "cores_busy": busy}
             for n in names:
                 rates = _rates(t[n], batch[n])
-                print(f"{size:>3}px {n:>10}: {ips[n]:8.1f} img/s [{_range(rates)}]  vs base "
-                      f"{ips[n] / ips['base']:.2f}x (pairs {min(pair[n]):.2f}-{max(pair[n]):.2f})", flush=True)
+                print(f"{size:>3}px {n:>20}: {ips[n]:8.1f} img/s [{_range(rates)}]  vs base "
+                      f"{ips[n] / ips['base']:.2f}x (pairs {min(pair[n]):.2f}-{max(pair[n]):.2f})  "
+                      f"cores busy {_med(busy[n]):.2f}", flush=True)
         finally:
             for w in workers.values():
                 w.close()
