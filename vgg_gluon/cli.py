@@ -28,11 +28,10 @@ from vgg_gluon.config import (
     RunConfig,
     SettingError,
 )
+from vgg_gluon.errors import EXIT_NONFINITE, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, UserError, mxnet_error_reason
 
 log = logging.getLogger("vgg_gluon")
 
-EXIT_NONFINITE = 3
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 # Settings that may change when a run is resumed; the others define the run.
 RESUME_OVERRIDABLE = {"epochs", "ctx", "kvstore", "data_dir", "keep_last", "log_interval"}
@@ -40,24 +39,9 @@ RESUME_OVERRIDABLE = {"epochs", "ctx", "kvstore", "data_dir", "keep_last", "log_
 
 # ------------------------------------------------------------------------------------------------
 # errors: one line, non-zero exit, no traceback
-def _user_errors():
-    """Exception types that are the user's to fix, imported lazily (mxnet loads slowly)."""
-    from vgg_gluon.checkpoint import CheckpointError
-    from vgg_gluon.data import DataError
-    from vgg_gluon.runtime import RuntimeSetupError
-    from vgg_gluon.tensorboard import TensorBoardError
-    types = [ConfigError, DataError, CheckpointError, RuntimeSetupError, TensorBoardError]
-    try:
-        from vgg_gluon.foreign import ParamsError
-        types.append(ParamsError)
-    except ImportError:
-        pass
-    return tuple(types)
-
-
 class BadUsage(click.ClickException):
     """Bad usage in one line (`Error: Invalid value for '--width': ...`), exit 2 like click's own checks."""
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 # Options whose name is not the setting's name with dashes.
@@ -134,7 +118,7 @@ def friendly_errors(fn):
             click.echo("Interrupted.", err=True)
             sys.exit(EXIT_SIGINT)
         except Exception as exc:
-            if isinstance(exc, _user_errors()):
+            if isinstance(exc, UserError):
                 raise click.ClickException(str(exc)) from None
             from vgg_gluon.runtime import explain_mxnet_error
             advice = explain_mxnet_error(exc)
@@ -142,10 +126,7 @@ def friendly_errors(fn):
                 raise click.ClickException(advice) from None
             if os.environ.get("VGG_GLUON_DEBUG"):
                 raise
-            # MXNet's messages start with "Traceback (most recent call last):" and C++ frames.
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            first = next((ln for ln in lines if not ln.startswith(("Traceback", "File ", "[bt]"))),
-                         type(exc).__name__)
+            first = mxnet_error_reason(exc)
             raise click.ClickException(f"unexpected {type(exc).__name__}: {first[:300]} "
                                        "(set VGG_GLUON_DEBUG=1 for the traceback)") from None
     return wrapper
@@ -407,6 +388,8 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
+    from vgg_gluon.testhooks import install_from_env
+    install_from_env()   # test-only seams, when their variables are set
 
 
 def _new_run_dir(cfg: RunConfig) -> Path:
@@ -482,7 +465,6 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
     console.record("end", status=result.status, epoch=result.epoch, **outcome)
     if dist is not None:
         from vgg_gluon import distributed
-        dist.dump_for_tests(session.net, rows)
         distributed.note_outcome(result.status, session)
     if result.status == "finished":
         if dist is None or dist.is_writer:

@@ -35,6 +35,10 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from vgg_gluon.errors import UserError
+from vgg_gluon.fsutil import atomic_savez, atomic_write_text
+from vgg_gluon.imagefile import IMAGE_EXTENSIONS
+
 if TYPE_CHECKING:  # pragma: no cover - hints only
     import mxnet as mx
 
@@ -85,13 +89,12 @@ _FASHION_FILES: Dict[str, _IdxFile] = {
                             "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10000),
 }
 
-_IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 _CACHE_NAME = "decoded-cache.npz"
 _CACHE_VERSION = 1
 _ARCHIVE_MARKER = ".from-archive.json"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """One-line, user-facing message that says what is wrong and how to get the data."""
 
 
@@ -158,14 +161,6 @@ def input_shape(name: str, image_size: Optional[int]) -> Tuple[int, int, int]:
 
 # --------------------------------------------------------------------------------------------
 # Downloads and archives
-
-
-def _hash_file(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, md5: Optional[str] = None, sha256: Optional[str] = None,
@@ -469,7 +464,7 @@ def _list_image_folder(root: Path) -> Tuple[List[str], Dict[str, List[Tuple[str,
                                 f"train and test must have the same class folders")
             files = []
             for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
-                if f.name.startswith(".") or Path(f.name).suffix.lower() not in _IMAGE_EXTENSIONS:
+                if f.name.startswith(".") or Path(f.name).suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
                 st = f.stat()
                 rel = f"{split}/{entry.name}/{f.name}"
@@ -531,26 +526,12 @@ def _load_image_folder(root: Path, need_train: bool = True) -> Tuple[Split, Spli
     log.info("decoded %d images under %s in %.1f s", sum(len(s) for s in splits.values()), root,
              time.perf_counter() - t0)
     try:
-        _atomic_savez(cache, fingerprint=np.array(fingerprint), classes=np.array(classes),
+        atomic_savez(cache, fingerprint=np.array(fingerprint), classes=np.array(classes),
                       train_images=splits["train"].images, train_labels=splits["train"].labels,
                       test_images=splits["test"].images, test_labels=splits["test"].labels)
     except OSError as exc:  # a read-only data folder still works, only slower next time
         log.warning("cannot write decoded cache %s (%s)", cache, exc)
     return splits["train"], splits["test"], classes, str(root)
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez (uncompressed: loads at disk speed) via temp file + fsync + os.replace."""
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _find_cifar10(data_dir: Path) -> Optional[Tuple[str, Path]]:
@@ -712,9 +693,7 @@ def prepare_dataset(name: str, data_dir: Path, from_archive: Optional[Path] = No
             t0 = time.perf_counter()
             marker.unlink(missing_ok=True)
             stamp["extracted"] = _extract_cifar_archive(archive, own)
-            tmp = marker.with_name(marker.name + ".tmp")
-            tmp.write_text(json.dumps(stamp))
-            os.replace(tmp, marker)
+            atomic_write_text(marker, json.dumps(stamp))
             log.info("extracted %s into %s in %.1f s", archive, own, time.perf_counter() - t0)
     ds = load_dataset(name, data_dir, download=download)
     verified = ("; content checksums verified" if name == "fashion-mnist"

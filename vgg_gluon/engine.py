@@ -14,6 +14,7 @@ from vgg_gluon import checkpoint as ckpt_mod
 from vgg_gluon import data as data_mod
 from vgg_gluon import models, report
 from vgg_gluon.config import RunConfig
+from vgg_gluon.errors import mxnet_error_reason
 from vgg_gluon.optim import make_lr_scheduler  # noqa: F401  (also engine.make_lr_scheduler)
 from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
 
@@ -163,7 +164,6 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
         prev_loss = step_loss
         step += 1
         samples += n
-        ckpt_mod._fault("train-step")   # test-only hook (VGG_GLUON_SLOW_AT=train-step:<s>); a no-op otherwise
         window_n += n
         if on_progress and (step % log_interval == 0 or step == steps):
             total_loss, total_corr = read_totals()
@@ -210,8 +210,7 @@ def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
     loss_total = _sum_scalars(loss_sums)
     seconds = time.time() - t0
     n = len(true)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (true, pred), 1)
+    confusion = report.confusion_matrix(true, pred, num_classes)
     per_class = [float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else float("nan")
                  for c in range(num_classes)]
     top_hits = _sum_scalars(in_top)
@@ -335,12 +334,7 @@ def load_checkpoint_params(net, path: Path, ctx_list) -> None:
     try:
         net.load_parameters(str(path), ctx=ctx_list)
     except Exception as exc:  # MXNetError, AssertionError (name/shape mismatch), OSError
-        msg = [m.strip() for m in str(exc).strip().splitlines() if m.strip()]
-        # MXNet's messages start with a C++ "Traceback" header; the reason is the last line.
-        reason = next((m for m in reversed(msg) if not m.startswith(("Traceback", "File ", "[bt]"))),
-                      type(exc).__name__)
-        reason = reason.split("MXNetError: ", 1)[-1]
-        detail = next((m for m in msg if "shape" in m.lower() or "missing" in m.lower()), reason)
+        detail = mxnet_error_reason(exc, prefer=("shape", "missing"))
         raise ckpt_mod.CheckpointError(f"{path}: cannot load weights ({detail[:200]})") from None
 
 

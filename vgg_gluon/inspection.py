@@ -15,15 +15,16 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vgg_gluon.config import RunConfig
+from vgg_gluon.errors import UserError, mxnet_error_reason
+from vgg_gluon.imagefile import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EXPORT_PREFIX = "model"
 EXPORT_FORMAT = "vgg-gluon-export/1"
 
 
-class InspectError(Exception):
+class InspectError(UserError):
     """A one-line, user-facing problem (shown as `Error: ...`)."""
 
 
@@ -110,7 +111,7 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
             net.load_parameters(str(c.file(ck.PARAMS)), ctx=[ctx], cast_dtype=True, dtype_source="current")
         except Exception as exc:  # MXNetError, AssertionError
             raise ck.CheckpointError(f"{c.file(ck.PARAMS)}: cannot load weights "
-                                     f"({(str(exc).strip().splitlines() or [''])[0][:200]})") from None
+                                     f"({mxnet_error_reason(exc)[:200]})") from None
     else:
         engine.load_checkpoint_params(net, c.file(ck.PARAMS), [ctx])
     net.hybridize()
@@ -360,8 +361,7 @@ def write_report(run_dir: Path, net, dataset, prep: Dict[str, Any], ctx, *, chec
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     classes = list(prep["classes"])
     k = len(classes)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (truth, pred), 1)
+    confusion = report.confusion_matrix(truth, pred, k)
     history = report.read_history(run_dir / "history.csv")
     out: Dict[str, Path] = {}
     if history:
