@@ -101,7 +101,11 @@ def friendly_errors(fn):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
         except SettingError as exc:
-            raise (usage_error(exc) if exc.source == "command line" else click.ClickException(str(exc))) from None
+            # A typed value, or a combination with one (--batch-size 1 --ctx cpu:0,1), is bad usage.
+            typed = set(_flag_settings(kwargs))
+            if exc.source == "command line" or set(exc.fields) & typed:
+                raise usage_error(exc, typed) from None
+            raise click.ClickException(str(exc)) from None
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:

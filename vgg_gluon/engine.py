@@ -262,8 +262,9 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     cfg.validate()
     ctx_list = ctx_list or resolve_ctx(cfg.ctx)
     if train and cfg.batch_size < len(ctx_list):
-        from vgg_gluon.config import ConfigError
-        raise ConfigError(f"batch size {cfg.batch_size} is smaller than the number of devices ({len(ctx_list)})")
+        from vgg_gluon.config import SettingError
+        raise SettingError("batch_size", f"must be at least the number of devices ({len(ctx_list)}), "
+                                         f"got {cfg.batch_size}", ("ctx",))
     if (cfg.amp or cfg.dtype == "float16") and any(c.device_type == "cpu" for c in ctx_list):
         from vgg_gluon.config import ConfigError
         raise ConfigError(f"{'--amp' if cfg.amp else '--dtype float16'} needs a GPU (--ctx gpu:0): MXNet has no "
