@@ -4,10 +4,9 @@ import os
 import stat
 
 import pytest
-from conftest import invoke_cli
+from conftest import invoke_cli, tiny_args
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
-        "--test-limit", "64", "--quiet"]
+TINY = tiny_args(train_limit=128)
 
 
 def _invoke(*args, **kw):
@@ -166,8 +165,8 @@ def test_resume_from_tutorial_params_file(tmp_path, cli_env, flatten):
     net(mx.nd.zeros((1, 1, 32, 32)))
     path = tmp_path / "TinyVGG11.params"
     net.save_parameters(str(path))
-    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--arch", "vgg11", *TINY[4:],
-                "--epochs", 1, "--output-dir", tmp_path, "--name", "tut")
+    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--arch", "vgg11",
+                *tiny_args(train_limit=128, model=False), "--epochs", 1, "--output-dir", tmp_path, "--name", "tut")
     assert r.exit_code == 0, r.output
     assert "tutorial" in r.output.lower() or "mapped" in r.output.lower(), r.output
     cfg = (tmp_path / "tut" / "config.yaml").read_text()
@@ -182,6 +181,6 @@ def test_tutorial_params_with_wrong_flags_name_first_mismatch(tmp_path, cli_env)
     net(mx.nd.zeros((1, 1, 32, 32)))
     path = tmp_path / "t.params"
     net.save_parameters(str(path))
-    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--width", "0.25", *TINY[4:],
-                "--epochs", 1, "--output-dir", tmp_path)
+    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--width", "0.25",
+                *tiny_args(train_limit=128, model=False), "--epochs", 1, "--output-dir", tmp_path)
     _one_line_error(r, "t.params", "shape")

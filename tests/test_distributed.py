@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, tiny_args
 
 from vgg_gluon import cli, launch
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "256",
-        "--test-limit", "64", "--log-interval", "1", "--quiet"]
+TINY = tiny_args(log_interval=1)
 NO_NOISE = ["--no-batch-norm", "--dropout", "0", "--lr", "0.02"]
 
 

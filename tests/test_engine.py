@@ -5,13 +5,13 @@ import mxnet as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import tiny_args
 
 from vgg_gluon import checkpoint as ck
 from vgg_gluon import cli, engine, report
 from vgg_gluon.config import RunConfig
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "256",
-        "--test-limit", "64", "--log-interval", "1", "--quiet"]
+TINY = tiny_args(log_interval=1)
 
 
 def _record_progress(monkeypatch):

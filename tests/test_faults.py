@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, invoke_cli
+from conftest import REPO, invoke_cli, tiny_args
 
 from vgg_gluon import checkpoint as ck
 from vgg_gluon import report
 
 # 256 training images in batches of 8: 32 steps per epoch, so there are many points to hit.
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "8", "--test-limit", "64",
-        "--log-interval", "1"]
+TINY = tiny_args(batch_size=8, train_limit=None, log_interval=1, quiet=False)
 STAGES = ["after-params", "after-states", "before-manifest", "before-pointer", "after-pointer"]
 
 

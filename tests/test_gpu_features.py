@@ -4,12 +4,12 @@ import sys
 import textwrap
 
 from click.testing import CliRunner
+from conftest import tiny_args
 
 from vgg_gluon import cli, engine
 from vgg_gluon.config import RunConfig
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
-        "--test-limit", "64", "--epochs", "1", "--quiet"]
+TINY = tiny_args(train_limit=128, epochs=1)
 
 
 def test_float16_and_amp_on_cpu_are_one_line_errors(tmp_path, cli_env):

@@ -6,11 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import invoke_cli
+from conftest import invoke_cli, tiny_args
 from PIL import Image
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
-        "--test-limit", "64", "--quiet"]
+TINY = tiny_args(train_limit=128)
 
 
 def _invoke(*args, **kw):
