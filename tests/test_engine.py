@@ -69,15 +69,32 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, monkeyp
         np.testing.assert_allclose(pf[k], pp[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def test_resume_with_more_epochs_appends(tmp_path, cli_env):
-    assert _invoke("train", *TINY, "--epochs", 1, "--output-dir", tmp_path, "--name", "r").exit_code == 0
-    r = _invoke("resume", tmp_path / "r")
-    assert r.exit_code == 0 and "already trained 1 of 1" in r.output
-    r = _invoke("resume", tmp_path / "r", "--epochs", 2)
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def test_resume_with_more_epochs_rebuilds_the_schedule(tmp_path, cli_env):
+    """`resume --epochs 4` of a 2-epoch run: epochs 3-4 follow the 4-epoch schedule at the update
+    count reached (4 steps per epoch, warmup 1 epoch, cosine from lr 0.05); fewer epochs than
+    done trains nothing and changes nothing."""
+    run = tmp_path / "r"
+    r = _invoke("train", *TINY, "--epochs", 2, "--warmup-epochs", 1, "--output-dir", tmp_path, "--name", "r")
     assert r.exit_code == 0, r.output
-    assert [h["epoch"] for h in report.read_history(tmp_path / "r" / "history.csv")] == [1, 2]
-    meta = ck.select_checkpoint(tmp_path / "r").meta()
-    assert meta["epoch"] == 2 and meta["num_update"] == 8 and meta["config"]["epochs"] == 2
+    assert [h["lr"] for h in report.read_history(run / "history.csv")] == pytest.approx([0.05, 0.0], abs=1e-12)
+    r = _invoke("resume", run)
+    assert r.exit_code == 0 and "already trained 2 of 2" in r.output
+    r = _invoke("resume", run, "--epochs", 4)
+    assert r.exit_code == 0, r.output
+    hist = report.read_history(run / "history.csv")
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    # epoch 3 ends at update 12: 0.05 * (1 + cos(pi * 8 / 11)) / 2 (cosine over updates 4..15)
+    assert [h["lr"] for h in hist] == pytest.approx([0.05, 0.0, 0.008628481651367875, 0.0], rel=1e-6, abs=1e-12)
+    meta = ck.select_checkpoint(run).meta()
+    assert meta["epoch"] == 4 and meta["num_update"] == 16 and meta["config"]["epochs"] == 4
+    before = _tree(run)
+    r = _invoke("resume", run, "--epochs", 3)
+    assert r.exit_code == 0 and "already trained 4 of 3" in r.output, r.output
+    assert _tree(run) == before
 
 
 def test_two_cpu_contexts_match_one(tmp_path, cli_env):
@@ -132,6 +149,49 @@ def test_lr_schedules_per_iteration():
     assert all(a >= b for a, b in zip(seq, seq[1:])) and 0.04 < seq[10] < 0.06
     const = engine.make_lr_scheduler(RunConfig(epochs=2, lr=0.1, lr_schedule="constant"), iters_per_epoch=10)
     assert const(0) == const(19) == pytest.approx(0.1)
+
+
+# The learning rate of the shipped recipes at chosen update counts (the optimizer's num_update:
+# 1 is the first step), on the full data sets (60,000 / 50,000 training images, batch 128: 468 /
+# 390 steps per epoch). Written out from the formulas, not from the code: warmup 0 -> lr linearly
+# over the warmup's W updates (lr * u / (W - 1)), then lr * (1 + cos(pi * T / (N - 1))) / 2 with
+# T = u - W over the N updates left, 0 from the last one on.
+RECIPE_LR = {
+    "fashion_mnist.yaml": (468, {1: 0.0004291845493562232, 117: 0.050214592274678116, 234: 0.1,
+                                 235: 0.09999997996114104, 1000: 0.08869574338341853,
+                                 1872: 0.05520564691342547, 3000: 0.010660477601830238, 3744: 0.0}),
+    "fashion_mnist_fast.yaml": (468, {1: 0.0007173601147776184, 140: 0.1, 141: 0.0999999442800646,
+                                      700: 0.05887292940821706, 1404: 0.0}),
+    "cifar10.yaml": (390, {1: 0.0002570694087403599, 195: 0.050128534704370176, 390: 0.1,
+                           391: 0.09999999172031998, 2000: 0.08003032969238222, 5850: 0.0}),
+    "d2l_vgg11_224.yaml": (468, {1: 0.05, 1000: 0.05, 2340: 0.05}),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPE_LR))
+def test_recipe_schedules_are_pinned(recipe):
+    cfg = cli.resolve_config(str(Path(__file__).parents[1] / "experiments" / recipe), {})
+    iters, pinned = RECIPE_LR[recipe]
+    assert 60000 // cfg.batch_size == iters or 50000 // cfg.batch_size == iters
+    s = engine.make_lr_scheduler(cfg, iters_per_epoch=iters)
+    for update, lr in pinned.items():
+        assert s(update) == pytest.approx(lr, rel=1e-9, abs=1e-12), (recipe, update)
+
+
+def test_extended_schedule_is_pinned():
+    """`resume --epochs 12` of the main recipe: the schedule for 12 epochs at the same update count."""
+    cfg = cli.resolve_config(str(Path(__file__).parents[1] / "experiments" / "fashion_mnist.yaml"), {"epochs": 12})
+    s = engine.make_lr_scheduler(cfg, iters_per_epoch=468)
+    for update, lr in {3744: 0.026979846262024598, 3745: 0.02695393657267735, 4500: 0.010225215462052434,
+                       5616: 0.0}.items():
+        assert s(update) == pytest.approx(lr, rel=1e-9, abs=1e-12), update
+
+
+def test_step_schedule_with_fractional_warmup_is_pinned():
+    cfg = RunConfig(epochs=6, lr=0.2, warmup_epochs=0.5, lr_schedule="step", lr_steps=[3, 5], lr_factor=0.5)
+    s = engine.make_lr_scheduler(cfg, iters_per_epoch=10)
+    for update, lr in {1: 0.2 / 4, 4: 0.2, 5: 0.2, 29: 0.2, 30: 0.1, 49: 0.1, 50: 0.05, 60: 0.05}.items():
+        assert s(update) == pytest.approx(lr, rel=1e-9), update
 
 
 def test_label_smoothing_and_adam_train(tmp_path, cli_env):
