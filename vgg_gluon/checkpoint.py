@@ -153,7 +153,7 @@ _ALLOWED_GLOBALS = {
 }
 # Optimizer and LR-scheduler classes are admitted by module, but only real subclasses.
 _OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer")
-_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler")
+_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler", "vgg_gluon.optim")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -250,7 +250,25 @@ class Checkpoint:
 
 
 def checkpoint_name(epoch: int, step: int = 0) -> str:
-    return f"epoch-{epoch:04d}" + (f"-step-{step:05d}" if step else "")
+    """The folder name of a checkpoint after `epoch` complete epochs and `step` batches of the next
+    one. A mid-epoch checkpoint is named after the epoch it is inside: stopped in epoch 3 after
+    step 20 -> epoch-0003-step-00020 (before 2026-12 the name said epoch-0002-step-00020; such
+    folders are still read, by the epoch count in their meta.json)."""
+    return f"epoch-{epoch:04d}" if not step else f"epoch-{epoch + 1:04d}-step-{step:05d}"
+
+
+def _checkpoint_at(path: Path, m: "re.Match") -> Checkpoint:
+    """A Checkpoint from a folder name matched by CKPT_RE: epochs done and steps into the next."""
+    number, step = int(m.group(1)), int(m.group(2) or 0)
+    if not step:
+        return Checkpoint(path, number, 0)
+    try:  # meta.json's epoch count tells the naming: the epoch in progress (now) or done (old)
+        done = json.loads((path / META).read_text(encoding="utf-8")).get("epoch")
+    except (OSError, ValueError):
+        done = None
+    if not isinstance(done, int) or done not in (number, number - 1):
+        done = number - 1
+    return Checkpoint(path, done, step)
 
 
 def read_json(path: Path) -> Dict[str, Any]:
@@ -303,7 +321,7 @@ def list_checkpoints(run_dir: Path) -> List[Checkpoint]:
     for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else ():
         m = CKPT_RE.match(p.name)
         if m and p.is_dir() and (p / MANIFEST).is_file():
-            out.append(Checkpoint(p, int(m.group(1)), int(m.group(2) or 0)))
+            out.append(_checkpoint_at(p, m))
     return sorted(out, key=lambda c: (c.epoch, c.step))
 
 
@@ -311,11 +329,15 @@ def read_pointer(run_dir: Path, which: str) -> Optional[Checkpoint]:
     path = Path(run_dir) / f"{which}.json"
     if not path.exists():
         return None
-    name = read_json(path).get("checkpoint")
+    pointer = read_json(path)
+    name = pointer.get("checkpoint")
     m = CKPT_RE.match(str(name or ""))
     if not m:
         raise CheckpointError(f"{path}: points to '{name}', not a checkpoint name")
-    return Checkpoint(Path(run_dir) / name, int(m.group(1)), int(m.group(2) or 0))
+    epoch, step = pointer.get("epoch"), pointer.get("step")
+    if isinstance(epoch, int) and isinstance(step, int) and step == int(m.group(2) or 0):
+        return Checkpoint(Path(run_dir) / name, epoch, step)   # the pointer says it
+    return _checkpoint_at(Path(run_dir) / name, m)
 
 
 LOCK = ".lock"
@@ -408,8 +430,10 @@ def select_checkpoint(run_dir: Path, which: str = "last") -> Checkpoint:
 
 
 def _best_key(ckpt: Checkpoint) -> float:
+    """What training chose "best" on: validation accuracy when the run held some out, else test."""
     try:
-        return float(ckpt.meta().get("metrics", {}).get("test_acc", -1.0))
+        metrics = ckpt.meta().get("metrics", {})
+        return float(metrics.get("val_acc", metrics.get("test_acc", -1.0)))
     except CheckpointError:
         return -1.0
 
@@ -453,6 +477,8 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
     _fault("before-pointer")
     pointer = {"checkpoint": final.name, "epoch": epoch, "step": step,
                "test_acc": meta.get("metrics", {}).get("test_acc")}
+    if "val_acc" in meta.get("metrics", {}):
+        pointer["val_acc"] = meta["metrics"]["val_acc"]   # what "best" was chosen on
     atomic_write_text(run_dir / "last.json", json.dumps(pointer, indent=2) + "\n")
     if is_best:
         atomic_write_text(run_dir / "best.json", json.dumps(pointer, indent=2) + "\n")

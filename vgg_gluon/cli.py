@@ -16,18 +16,24 @@ import click
 
 import vgg_gluon
 from vgg_gluon.cli_group import SuggestingGroup
-from vgg_gluon.config import ARCHS, DATASETS, DTYPES, KVSTORES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
+from vgg_gluon.config import (
+    ARCHS,
+    DATASETS,
+    DTYPES,
+    KVSTORES,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+    ConfigError,
+    RunConfig,
+    SettingError,
+)
 
 log = logging.getLogger("vgg_gluon")
 
 EXIT_NONFINITE = 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
-# Settings a recipe for a data set changes from RunConfig's defaults when no --config is given.
-DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "fashion-mnist": {},
-    "cifar10": {"augment_crop": 4, "augment_flip": True, "epochs": 15},
-}
 # Settings that may change when a run is resumed; the others define the run.
 RESUME_OVERRIDABLE = {"epochs", "ctx", "kvstore", "data_dir", "keep_last", "log_interval"}
 
@@ -48,6 +54,49 @@ def _user_errors():
     return tuple(types)
 
 
+class BadUsage(click.ClickException):
+    """Bad usage in one line (`Error: Invalid value for '--width': ...`), exit 2 like click's own checks."""
+    exit_code = 2
+
+
+# Options whose name is not the setting's name with dashes.
+_OPTION_NAMES = {"run_name": "--name", "augment_crop": "--augment", "augment_flip": "--augment",
+                 "config_path": "--config"}
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a RunConfig field: lr_steps -> --lr-steps, run_name -> --name."""
+    return _OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
+def usage_error(exc: ConfigError, typed=()) -> click.ClickException:
+    """A problem with a value the user typed: exit 2, naming the option as typed."""
+    if not isinstance(exc, SettingError):
+        return BadUsage(str(exc))
+    if exc.field in typed or not typed:
+        return BadUsage(f"Invalid value for '{option_name(exc.field)}': {exc.detail}")
+    # A combination: the typed option made another setting invalid (--epochs 1 under warmup 3).
+    other = next(f for f in exc.fields if f in typed)
+    return BadUsage(f"Invalid value for '{option_name(other)}': {exc.field} {exc.detail}")
+
+
+def apply_flags(cfg: RunConfig, flags: Dict[str, Any], earlier: str = "the recipe") -> RunConfig:
+    """cfg < flags, validated. A problem with a typed value is bad usage (exit 2); one with a value
+    from a file (a recipe, a run's config) stays an input problem (exit 1) naming its source."""
+    try:
+        cfg.update(flags, "command line")
+    except ConfigError as exc:
+        raise usage_error(exc) from None
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        if set(exc.fields) & set(flags):
+            raise usage_error(exc, set(flags)) from None
+        if isinstance(exc, SettingError) and exc.source is None:
+            exc.source = earlier
+        raise
+
+
 def friendly_errors(fn):
     """Turn known problems into `Error: <one line>` with exit 1 (never a traceback)."""
     @functools.wraps(fn)
@@ -56,6 +105,8 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except SettingError as exc:
+            raise (usage_error(exc) if exc.source == "command line" else click.ClickException(str(exc))) from None
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
@@ -182,16 +233,20 @@ def _flag_settings(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def resolve_config(config_path: Optional[str], flags: Dict[str, Any]) -> RunConfig:
-    """defaults < data set recipe < --config YAML < flags."""
+    """defaults < the data set's recipe (config.RECIPES) < --config YAML < flags."""
     from vgg_gluon.config import load_yaml
     yaml_values = load_yaml(Path(config_path)) if config_path else {}
     dataset = str(flags.get("dataset") or yaml_values.get("dataset") or RunConfig.dataset).lower()
     cfg = RunConfig()
-    if dataset in DATASET_DEFAULTS:
-        cfg.update(DATASET_DEFAULTS[dataset], "recipe")
+    if dataset in RECIPES:
+        cfg.update(RECIPES[dataset], "recipe")
     cfg.update(yaml_values, config_path or "config")
-    cfg.update(flags, "command line")
-    return cfg.validate()
+    if "epochs" in flags and "warmup_epochs" not in flags and flags["epochs"] > 0 \
+            and cfg.warmup_epochs >= flags["epochs"]:
+        # A quick trial (`--epochs 1`) of a recipe with a longer warmup keeps the warmup's share of
+        # the run rather than refusing a setting the user never typed.
+        cfg.warmup_epochs = cfg.warmup_epochs * flags["epochs"] / cfg.epochs
+    return apply_flags(cfg, flags, earlier=config_path or f"the {dataset} recipe")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,10 +408,21 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def done_line(o: Dict[str, Any]) -> str:
+    """The last line of a finished run: every figure names its split."""
+    text = f"done: last epoch ({o['last_epoch']}) test accuracy {o['last_test_acc']:.4f}"
+    if o["best_epoch"] is None:
+        return text
+    if o["best_split"] == "val":
+        return text + (f"; best epoch {o['best_epoch']} by validation accuracy {o['best_acc']:.4f} "
+                       f"(test accuracy {o['best_test_acc']:.4f})")
+    return text + f"; best epoch {o['best_epoch']} by test accuracy {o['best_acc']:.4f} (chosen on the test set)"
+
+
 def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, partial=None,
              best_acc: float = -1.0) -> None:
     """Train, print, and exit with the code that says how it ended."""
-    from vgg_gluon import engine
+    from vgg_gluon import engine, report
     from vgg_gluon.runs import RunMarker
     from vgg_gluon.runtime import ctx_string
     cfg = session.cfg
@@ -373,6 +439,9 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                  f"{len(ds.test.labels)} test), {cfg.arch} width {cfg.width:g}"
                  f"{' +BN' if cfg.batch_norm else ''}, input {tuple(session.input_shape)}, "
                  f"ctx {ctx_string(session.ctx_list)}, epochs {start_epoch + 1}..{cfg.epochs}")
+    if session.val_loader is None:
+        console.line("note: no --val-split, so the 'best' checkpoint is chosen on test accuracy (optimistic); "
+                     "the last epoch's test accuracy is the fair figure")
     console.record("start", run=str(run_dir), first_epoch=start_epoch + 1, epochs=cfg.epochs,
                    config=cfg.to_dict())
     # RunMarker: RUN/.running.json while training (`vgg-gluon runs` tells running from crashed)
@@ -382,7 +451,8 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                             should_stop=dist.stop_checker(stop) if dist else stop,
                             is_writer=dist is None or dist.is_writer)
     console.close_bar()
-    console.record("end", status=result.status, epoch=result.epoch, best_acc=result.best_acc)
+    outcome = report.best_summary(session.history if session.history else rows)
+    console.record("end", status=result.status, epoch=result.epoch, **outcome)
     if dist is not None:
         from vgg_gluon import distributed
         dist.dump_for_tests(session.net, rows)
@@ -391,8 +461,7 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
         if dist is None or dist.is_writer:
             from vgg_gluon.inspection import report_after_training_safely
             report_after_training_safely(session, run_dir, console.line)  # never raises
-        console.line(f"done: best test accuracy {result.best_acc:.4f}; evaluate with "
-                     f"`vgg-gluon evaluate {run_dir}`")
+        console.line(done_line(outcome) + f"; evaluate with `vgg-gluon evaluate {run_dir}`")
         return
     if result.status == "nonfinite":
         console.line(f"Error: {result.message}; last good checkpoint kept in {run_dir}", err=True)
@@ -506,7 +575,7 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
     ck.cleanup_temp(run_dir)
     if _never_checkpointed(run_dir):
         # Stopped (e.g. killed) inside epoch 1: nothing to load, but the run's settings are known.
-        cfg = RunConfig.from_yaml(run_dir / "config.yaml").update(flags, "command line").validate()
+        cfg = apply_flags(RunConfig.from_yaml(run_dir / "config.yaml"), flags, f"{run_dir}/config.yaml")
         session = engine.build_session(cfg)
         console = Console(quiet, run_dir / "train.log")
         console.line(f"{run_dir} has no checkpoint yet (it stopped inside epoch 1): starting it again "
@@ -515,7 +584,7 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
         return
     c = ck.select_checkpoint(run_dir, "last")
     meta = c.meta()
-    cfg = RunConfig.from_dict(meta["config"], f"{c.path}/meta.json").update(flags, "command line").validate()
+    cfg = apply_flags(RunConfig.from_dict(meta["config"], f"{c.path}/meta.json"), flags, f"{c.path}/meta.json")
     done = c.epoch
     if done >= cfg.epochs and not c.step:
         _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
@@ -529,8 +598,9 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
     if isinstance(want, int) and got != want:
         raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
                                  f"saved at update {want} (a .states file from another checkpoint?)")
-    if cfg.epochs != meta["config"]["epochs"] and (session.dist is None or session.dist.sync):
-        # More (or fewer) epochs: the schedule is rebuilt for the new length at the same update count.
+    if session.dist is None or session.dist.sync:
+        # The schedule is always rebuilt from the settings at the same update count: for a new
+        # --epochs, and so that a schedule pickled by an older version is not trusted.
         # (dist_async: distributed.load_trainer_states already gave the servers the new schedule.)
         session.trainer._optimizer.lr_scheduler = engine.make_lr_scheduler(cfg, len(session.train_loader))
     session.history = _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
@@ -616,7 +686,7 @@ def evaluate(run, which, params_path, as_json, **kwargs):
         c = ck.select_checkpoint(Path(run), which.lower())
         meta = c.meta()
         keep = {k: v for k, v in flags.items() if k in ("data_dir", "ctx", "batch_size", "test_limit")}
-        cfg = RunConfig.from_dict(meta["config"], f"{c.path}/meta.json").update(keep).validate()
+        cfg = apply_flags(RunConfig.from_dict(meta["config"], f"{c.path}/meta.json"), keep, f"{c.path}/meta.json")
         source, epoch = c, c.epoch
     else:
         if not Path(params_path).is_file():

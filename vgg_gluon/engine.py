@@ -14,6 +14,7 @@ from vgg_gluon import checkpoint as ckpt_mod
 from vgg_gluon import data as data_mod
 from vgg_gluon import models, report
 from vgg_gluon.config import RunConfig
+from vgg_gluon.optim import make_lr_scheduler  # noqa: F401  (also engine.make_lr_scheduler)
 from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
 
 log = logging.getLogger(__name__)
@@ -58,24 +59,6 @@ class Partial:
 
 # ------------------------------------------------------------------------------------------------
 # building blocks
-def make_lr_scheduler(cfg: RunConfig, iters_per_epoch: int):
-    """Per-iteration schedule: linear warmup then constant/step/cosine (gluoncv's schedulers)."""
-    from gluoncv.utils import LRScheduler, LRSequential
-    mode = {"constant": "constant", "step": "step", "cosine": "cosine"}[cfg.lr_schedule]
-    warm = cfg.warmup_epochs
-    parts = []
-    if warm > 0:
-        parts.append(LRScheduler("linear", base_lr=0.0, target_lr=cfg.lr, nepochs=warm,
-                                 iters_per_epoch=iters_per_epoch))
-    kwargs = {}
-    if mode == "step":
-        kwargs = dict(step_epoch=[s - warm for s in cfg.lr_steps if s > warm] or [cfg.epochs * 10],
-                      step_factor=cfg.lr_factor)
-    parts.append(LRScheduler(mode, base_lr=cfg.lr, target_lr=0.0, nepochs=cfg.epochs - warm,
-                             iters_per_epoch=iters_per_epoch, **kwargs))
-    return LRSequential(parts)
-
-
 def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, kvstore: Optional[str] = None):
     opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": make_lr_scheduler(cfg, iters_per_epoch)}
     if cfg.optimizer in ("sgd", "nag"):
