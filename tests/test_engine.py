@@ -78,7 +78,8 @@ def test_resume_with_more_epochs_rebuilds_the_schedule(tmp_path, cli_env):
     count reached (4 steps per epoch, warmup 1 epoch, cosine from lr 0.05); fewer epochs than
     done trains nothing and changes nothing."""
     run = tmp_path / "r"
-    r = _invoke("train", *TINY, "--epochs", 2, "--warmup-epochs", 1, "--output-dir", tmp_path, "--name", "r")
+    r = _invoke("train", *TINY, "--epochs", 2, "--lr", 0.05, "--lr-schedule", "cosine", "--warmup-epochs", 1,
+                "--output-dir", tmp_path, "--name", "r")
     assert r.exit_code == 0, r.output
     assert [h["lr"] for h in report.read_history(run / "history.csv")] == pytest.approx([0.05, 0.0], abs=1e-12)
     r = _invoke("resume", run)
