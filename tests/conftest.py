@@ -98,6 +98,24 @@ def invoke_cli(*args, data_dir=None, mix_stderr=True, **kw):
     return CliRunner(mix_stderr=mix_stderr).invoke(cli.main, [str(a) for a in args], env=env, **kw)
 
 
+# The README's exit codes: 1 a problem with input, data, files or devices; 2 bad usage (click's own
+# checks, and a bad value of an option).
+EXIT_INPUT, EXIT_USAGE = 1, 2
+
+
+def one_line_error(r, code: int, *words) -> str:
+    """A refused command (CliRunner result) as the README promises: exit `code`, exactly one
+    `Error:` line, holding every one of `words`, and no traceback. Returns that line."""
+    assert r.exit_code == code, f"exit {r.exit_code}, expected {code}:\n{r.output}"
+    out = r.output + (r.stderr if not r.runner.mix_stderr else "")
+    assert "Traceback" not in out, out
+    errs = [ln for ln in out.splitlines() if ln.startswith("Error")]
+    assert len(errs) == 1, out
+    for w in words:
+        assert w in errs[0], out
+    return errs[0]
+
+
 def run_cli(*args, env_extra=None, timeout=600, check=True):
     """Run `python -m vgg_gluon ...` in a real subprocess."""
     import subprocess
