@@ -118,7 +118,8 @@ def test_unwritable_output_dir(tmp_path, cli_env):
     one_line_error(_invoke("train", *TINY, "--epochs", 1, "--output-dir", ro), EXIT_INPUT, "not writable")
 
 
-def test_corrupt_checkpoint_falls_back_with_message(trained_run, cli_env, tmp_path):
+def test_corrupt_checkpoint_falls_back_with_message(trained_run, cli_env, tmp_path, caplog):
+    """The warning itself (that it reaches a terminal without -v: test_faults, in a subprocess)."""
     import shutil
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
@@ -126,6 +127,10 @@ def test_corrupt_checkpoint_falls_back_with_message(trained_run, cli_env, tmp_pa
     r = _invoke("evaluate", run, "--which", "last", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.splitlines()[-1])["epoch"] == 1
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert str(run / "epoch-0002" / "model.params") in warned[0] and "corrupted" in warned[0]
+    assert warned[0].endswith("using the previous complete checkpoint epoch-0001"), warned[0]
 
 
 def _tutorial_vgg(ratio: int, fc: int, flatten: bool = True):
