@@ -34,8 +34,8 @@ def test_amp_loss_scaling_trains_as_float32_and_skips_overflowing_steps():
     float32 (a CPU has no float16 gemm): the loss is multiplied by the loss scale (2^16) before
     backward and the gradients divided by it in the step, exact powers of two in float32, so the
     weights equal those of the same steps without AMP. A step whose scaled gradients overflow is
-    skipped (weights unchanged) and the scale halved; the next step is a normal one. In a subprocess, because amp.init patches
-    MXNet's operator namespaces for the rest of the process."""
+    skipped (weights unchanged) and the scale halved; the next step is a normal one. In a subprocess,
+    because amp.init patches MXNet's operator namespaces for the rest of the process."""
     code = textwrap.dedent("""
         import mxnet as mx, numpy as np
         from vgg_gluon import engine, models

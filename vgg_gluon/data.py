@@ -87,7 +87,7 @@ _FASHION_FILES: Dict[str, _IdxFile] = {
 
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 _CACHE_NAME = "decoded-cache.npz"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2   # 2: images decoded by image_to_array (EXIF orientation, 16-bit scaling)
 _ARCHIVE_MARKER = ".from-archive.json"
 
 
@@ -473,8 +473,30 @@ def _list_image_folder(root: Path) -> Tuple[List[str], Dict[str, List[Tuple[str,
     return classes, items, h.hexdigest()
 
 
+def image_to_array(im, channels: int, size: int) -> np.ndarray:
+    """A decoded PIL image -> uint8 (size, size, channels): the one conversion of image files, for
+    training (image folders) and for `predict`. EXIF orientation applied; 16-bit, 32-bit and float
+    images scaled to 0..255 (from 0..65535 when any value is above 255); palette images through
+    RGBA; then grayscale (L) for 1 channel or RGB for 3, resized bilinearly unless size x size."""
+    from PIL import Image, ImageOps
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # broken EXIF: keep the pixels as stored
+        pass
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA")
+    im = im.convert("L" if channels == 1 else "RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8).reshape(size, size, channels)
+
+
 def _decode_images(root: Path, rels: Sequence[str], size: int = 32) -> np.ndarray:
-    """Decode image files to uint8 (N, size, size, 3) RGB; other sizes are resized (bilinear)."""
+    """Decode image files to uint8 (N, size, size, 3) RGB (image_to_array); other sizes are resized."""
     from PIL import Image  # Pillow only when an image folder is actually read
 
     out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
@@ -484,11 +506,8 @@ def _decode_images(root: Path, rels: Sequence[str], size: int = 32) -> np.ndarra
         try:
             # Reading the bytes first is ~30% faster than letting Pillow read the file itself.
             with Image.open(io.BytesIO(path.read_bytes())) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    resized += 1
-                    im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im)
+                resized += im.size != (size, size)
+                out[i] = image_to_array(im, 3, size)
         except (OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"cannot decode image {path} ({exc}): delete or replace it") from None
     if resized:

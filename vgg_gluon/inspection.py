@@ -171,27 +171,16 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
     """Any PNG/JPEG (any size or mode) -> uint8 (size, size, channels) as the data set stores images:
     grayscale (L) for 1 channel, RGB for 3, resized with bilinear filtering like image folders are.
     Raises InspectError with a one-line reason."""
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    from vgg_gluon.data import image_to_array
     # gluoncv (imported for the LR schedulers) sets ImageFile.LOAD_TRUNCATED_IMAGES = True for the
     # whole process, which would turn a truncated file into a silently half-gray picture.
     lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as im:
             im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # broken EXIF: keep the pixels as stored
-                pass
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                a = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if a.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-            if im.mode == "P":
-                im = im.convert("RGBA")
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = image_to_array(im, channels, size)   # exactly as image folders are decoded for training
     except FileNotFoundError:
         raise InspectError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -203,7 +192,7 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
         raise InspectError(f"{path}: unreadable image ({why})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
-    return arr.reshape(size, size, channels)
+    return arr
 
 
 def to_input(images: np.ndarray, prep: Dict[str, Any], ctx):
