@@ -58,9 +58,10 @@ def test_evaluate_text_and_json(trained_run, cli_env):
 
 def test_evaluate_bare_params(trained_run, cli_env):
     params = trained_run / "epoch-0002" / "model.params"
-    r = _invoke("evaluate", "--params", params, "--dataset", "fashion-mnist", "--test-limit", 64, "--json")
-    assert r.exit_code == 0, r.output   # width/BN/fc units inferred from the file
-    assert json.loads(r.output)["samples"] == 64
+    r = _invoke("evaluate", "--params", params, "--dataset", "fashion-mnist", "--test-limit", 64, "--json",
+                mix_stderr=False)
+    assert r.exit_code == 0, r.output   # width/BN/fc units inferred from the file (said on stderr)
+    assert json.loads(r.stdout)["samples"] == 64
 
 
 def test_resume_from_bare_params_starts_new_run(trained_run, cli_env, tmp_path):

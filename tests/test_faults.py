@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EXIT_INPUT, REPO, invoke_cli, one_line_error, tiny_args
+from conftest import EXIT_INPUT, EXIT_USAGE, REPO, invoke_cli, one_line_error, tiny_args
 
 from vgg_gluon import checkpoint as ck
 from vgg_gluon import report
@@ -125,7 +125,7 @@ def _invoke(*args):
 
 
 def _one_line_error(r, *words):
-    """Every refusal in this file is a problem with input (files, data, devices, disk): exit 1."""
+    """The refusals in this file are problems with input (files, data, devices, disk): exit 1."""
     return one_line_error(r, EXIT_INPUT, *words)
 
 
@@ -666,7 +666,12 @@ def offline_fashion(monkeypatch):
 
 
 def test_data_folder_missing(offline_fashion, tmp_path):
-    line = _one_line_error(_invoke("train", *TINY, "--epochs", 1, "--data-dir", tmp_path / "nope",
+    # A folder that does not exist: refused as bad usage before anything else happens.
+    r = _invoke("train", *TINY, "--epochs", 1, "--data-dir", tmp_path / "nope", "--output-dir", tmp_path)
+    one_line_error(r, EXIT_USAGE, "'--data-dir'", "no such folder")
+    # An empty one, offline: the download is tried and fails in one line.
+    (tmp_path / "empty").mkdir()
+    line = _one_line_error(_invoke("train", *TINY, "--epochs", 1, "--data-dir", tmp_path / "empty",
                                    "--output-dir", tmp_path))
     assert "cannot download" in line and "network" in line
 

@@ -222,3 +222,277 @@ def test_curves_have_whole_epoch_ticks_and_no_negative_rate(tmp_path):
     for ticks, _ in captured["axes"]:
         assert all(float(t).is_integer() for t in ticks), ticks
     assert captured["axes"][2][1][0] == 0   # LR panel starts at 0
+
+
+# ------------------------------------------------------------------------------------------------
+# a small finished run shared by the command tests below
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_data_dir):
+    out = tmp_path_factory.mktemp("runs")
+    r = invoke_cli("train", *TINY, "--train-limit", "256", "--epochs", "2", "--output-dir", out, "--name", "run",
+                   data_dir=tiny_data_dir)
+    assert r.exit_code == 0, r.output
+    return out / "run"
+
+
+# 2. the export reproduces predict for every image kind predict accepts
+def _odd_images(folder):
+    """An EXIF-rotated JPEG, a 16-bit PNG, a palette PNG and an RGBA PNG, none of them 28 px."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    base = np.zeros((40, 20), np.uint8)
+    base[5:35, 3:8] = 220   # an asymmetric shape: a rotation changes the pixels
+    base[30:35, 3:17] = 180
+    exif = Image.Exif()
+    exif[0x0112] = 6        # orientation: rotate 90 degrees when shown
+    Image.fromarray(base).save(folder / "rotated.jpg", exif=exif.tobytes(), quality=95)
+    Image.fromarray((rng.integers(0, 65535, (30, 30))).astype(np.uint16)).save(folder / "deep.png")
+    Image.fromarray(rng.integers(0, 255, (33, 33, 3)).astype(np.uint8)).convert("P").save(folder / "palette.png")
+    Image.fromarray(rng.integers(0, 255, (26, 26, 4)).astype(np.uint8), "RGBA").save(folder / "alpha.png")
+    return sorted(folder.iterdir())
+
+
+def test_export_reproduces_predict_for_every_image_kind(run_dir, tmp_path, cli_env):
+    import os
+    import subprocess
+    import sys
+    files = _odd_images(tmp_path / "imgs")
+    r = invoke_cli("predict", run_dir, *files, "--top-k", "10", "--json")
+    assert r.exit_code == 0, r.output
+    ours = {p["file"]: {t["class"]: t["probability"] for t in p["top"]} for p in json.loads(r.output)["predictions"]}
+    out = tmp_path / "export"
+    assert invoke_cli("export", run_dir, out).exit_code == 0
+    proc = subprocess.run([sys.executable, "-I", str(out / "serve_example.py"), "--json", *map(str, files)],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=""), cwd=str(tmp_path),
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    served = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(served) == len(files)
+    for s in served:
+        for name, p in s["probabilities"].items():
+            assert p == pytest.approx(ours[s["file"]][name], abs=1e-5), (s["file"], name)
+
+
+def test_exif_rotation_and_16_bit_decoding(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vgg_gluon.inspection import decode_image
+    files = {f.name: f for f in _odd_images(tmp_path / "imgs")}
+    with Image.open(files["rotated.jpg"]) as im:
+        assert im.size == (20, 40)   # stored portrait; EXIF orientation 6 shows it rotated
+        want = np.asarray(im.transpose(Image.Transpose.ROTATE_270).convert("L").resize((28, 28), Image.BILINEAR))
+        unrotated = np.asarray(im.convert("L").resize((28, 28), Image.BILINEAR))
+    got = decode_image(files["rotated.jpg"], 1, 28)[..., 0]
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, unrotated)
+    deep = decode_image(files["deep.png"], 1, 28)
+    assert deep.std() > 40   # 16-bit noise keeps its grey levels (convert("L") alone clips to ~2 levels)
+
+
+# 3. the hint after stopping a distributed run
+def test_stop_hint_of_a_distributed_run_goes_through_the_launcher(monkeypatch):
+    from types import SimpleNamespace
+
+    from vgg_gluon.cli import resume_hint
+    monkeypatch.setenv("DMLC_NUM_SERVER", "2")
+    hint = resume_hint("checkpoints/d", SimpleNamespace(num_workers=3))
+    assert "`vgg-gluon launch -n 3 -s 2 -- resume checkpoints/d`" in hint
+    assert "`vgg-gluon resume checkpoints/d --kvstore device`" in hint
+    assert resume_hint("checkpoints/d") == "Continue with `vgg-gluon resume checkpoints/d`"
+
+
+# 5. evaluate RUN refuses settings; its help lists no training-only option
+@pytest.mark.parametrize("args", [["--dataset", "cifar10"], ["--arch", "vgg19"], ["--width", "0.5"],
+                                  ["--no-batch-norm"], ["--image-size", "64"]])
+def test_evaluate_run_refuses_settings(run_dir, cli_env, args):
+    r = invoke_cli("evaluate", run_dir, *args)
+    assert r.exit_code == 2 and "applies to --params FILE" in r.output, r.output
+
+
+def test_evaluate_help_has_no_training_options():
+    r = invoke_cli("evaluate", "--help")
+    for opt in ("--augment", "--val-split", "--train-limit", "--dropout", "--hybridize", "--epochs"):
+        assert opt not in r.output
+
+
+# 6. what --params inferred and mapped: said once, without -v
+def test_params_inference_is_said_once(run_dir, cli_env):
+    params = run_dir / "epoch-0002" / "model.params"
+    r = invoke_cli("-v", "evaluate", "--params", params, "--json", mix_stderr=False)
+    assert r.exit_code == 0, r.stderr
+    assert r.stderr.count("inferred") == 1 and "width 0.0625" in r.stderr and "fc 32" in r.stderr
+    assert r.stderr.count("loaded") == 1
+    r = invoke_cli("evaluate", "--params", params, "--json", mix_stderr=False)
+    assert r.stderr.count("inferred") == 1 and r.stderr.count("loaded") == 1
+
+
+def test_resume_params_run_line_shows_fc(run_dir, cli_env, tmp_path):
+    params = run_dir / "epoch-0002" / "model.params"
+    r = invoke_cli("resume", "--params", params, "--epochs", "1", "--train-limit", "128", "--test-limit", "64",
+                   "--batch-size", "64", "--output-dir", tmp_path, "--name", "p")
+    assert r.exit_code == 0, r.output
+    assert "width 0.0625 +BN fc 32" in r.output and "inferred" in r.output
+
+
+# 9. a --data-dir that does not exist is an error, not a silent fall-back
+@pytest.mark.parametrize("cmd", [["train"], ["evaluate", "RUN"]])
+def test_missing_data_dir_is_refused(run_dir, cli_env, tmp_path, cmd):
+    args = [run_dir if a == "RUN" else a for a in cmd]
+    r = invoke_cli(*args, "--data-dir", tmp_path / "nope", "--output-dir" if cmd == ["train"] else "--json",
+                   *([tmp_path / "out"] if cmd == ["train"] else []))
+    assert r.exit_code == 2 and "'--data-dir'" in r.output and "no such folder" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
+# 11. small things
+def test_evaluate_into_a_closed_pipe_is_quiet(run_dir, tiny_data_dir):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    env = dict(os.environ, VGG_GLUON_DATA_DIR=str(tiny_data_dir), PYTHONPATH=str(REPO))
+    proc = subprocess.run(f"{sys.executable} -m vgg_gluon evaluate {run_dir} | head -1; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "Broken pipe" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
+
+
+def test_verbose_after_the_command_says_where_it_goes(run_dir, cli_env):
+    r = invoke_cli("evaluate", run_dir, "-v")
+    assert r.exit_code == 2 and "vgg-gluon -v evaluate" in r.output
+
+
+def test_export_refuses_to_overwrite_without_force(run_dir, cli_env, tmp_path):
+    out = tmp_path / "e"
+    assert invoke_cli("export", run_dir, out).exit_code == 0
+    before = (out / "model-0000.params").stat().st_mtime_ns
+    r = invoke_cli("export", run_dir, out)
+    assert r.exit_code == 1 and "--force" in r.output
+    assert (out / "model-0000.params").stat().st_mtime_ns == before
+    assert invoke_cli("export", run_dir, out, "--force").exit_code == 0
+
+
+def test_runs_of_a_missing_folder_is_an_error(tmp_path):
+    r = invoke_cli("runs", "--dir", tmp_path / "nope")
+    assert r.exit_code == 1 and "no such folder" in r.output
+
+
+def test_evaluate_reads_no_training_images(run_dir, cli_env, monkeypatch):
+    from vgg_gluon import data
+    seen = []
+    orig = data._read_idx
+    monkeypatch.setattr(data, "_read_idx", lambda p, *a: seen.append(p.name) or orig(p, *a))
+    assert invoke_cli("evaluate", run_dir, "--json").exit_code == 0
+    assert seen and not any(n.startswith("train") for n in seen), seen
+
+
+# 12. top-5 and per-class counts
+def test_evaluate_reports_top5_and_class_counts(run_dir, cli_env):
+    r = invoke_cli("evaluate", run_dir, "--json")
+    out = json.loads(r.output)
+    assert out["top_k"] == 5 and out["accuracy"] <= out["top5_accuracy"] <= 1
+    assert sum(out["per_class_count"].values()) == out["samples"] == 64
+    assert out["split"] == "test"
+    text = invoke_cli("evaluate", run_dir).output
+    assert "top-5" in text and "images)" in text
+
+
+def test_top5_counts_the_right_class(tmp_path):
+    """engine.evaluate's top-5 against numpy on the same logits."""
+    import mxnet as mx
+    import numpy as np
+
+    from vgg_gluon import engine
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, 10)).astype(np.float32)
+    labels = rng.integers(0, 10, 50)
+
+    class Loader:
+        def epoch(self, e):
+            yield [mx.nd.array(logits)], [mx.nd.array(labels)]
+    res = engine.evaluate(mx.gluon.nn.HybridLambda(lambda F, x: x), Loader(), 10)
+    want = np.mean([labels[i] in np.argsort(-logits[i])[:5] for i in range(50)])
+    assert res["top5_acc"] == pytest.approx(want) and res["acc"] == pytest.approx(np.mean(logits.argmax(1) == labels))
+
+
+# issue 11's two bugs: evaluate honours --batch-size, predict/export/report honour --ctx
+def test_evaluate_batch_size_is_honoured(run_dir, cli_env, monkeypatch):
+    from vgg_gluon import engine
+    sizes = []
+    orig = engine.build_session
+
+    def spy(*a, **k):
+        s = orig(*a, **k)
+        sizes.append(s.eval_loader.batch_size)
+        return s
+    monkeypatch.setattr(engine, "build_session", spy)
+    assert invoke_cli("evaluate", run_dir, "--batch-size", "16", "--json").exit_code == 0
+    assert sizes == [16]
+
+
+@pytest.mark.parametrize("cmd", ["predict", "export", "report"])
+def test_tools_honour_ctx(run_dir, cli_env, tmp_path, monkeypatch, cmd):
+    from vgg_gluon import inspection
+    extra = {"predict": [tmp_path / "x.png"], "export": [tmp_path / "exp", "--force"], "report": []}[cmd]
+    if cmd == "predict":
+        from PIL import Image
+        Image.new("L", (28, 28)).save(tmp_path / "x.png")
+    used = []
+    orig = inspection.load_run_model
+
+    def spy(*a, **k):
+        m = orig(*a, **k)
+        used.append(str(m.ctx))
+        return m
+    monkeypatch.setattr(inspection, "load_run_model", spy)
+    r = invoke_cli(cmd, run_dir, *extra, "--ctx", "cpu:1")
+    assert r.exit_code == 0, r.output
+    assert used == ["cpu(1)"]
+    r = invoke_cli(cmd, run_dir, *extra, "--ctx", "tpu")
+    assert r.exit_code != 0 and "tpu" in r.output
+
+
+# 12. TensorBoard: the event file read back
+def _read_events(folder):
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    events = []
+    for f in sorted(folder.glob("events.out.tfevents.*")):
+        data = f.read_bytes()
+        i = 0
+        while i < len(data):   # TFRecord: length, crc, payload, crc
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            events.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+            i += 12 + n + 4
+    return events
+
+
+def test_tensorboard_writes_scalars_graph_and_mistakes(tmp_path, cli_env):
+    from vgg_gluon import report
+    tb = tmp_path / "tb"
+    r = invoke_cli("train", *TINY, "--train-limit", "256", "--epochs", "2", "--log-interval", "2",
+                   "--output-dir", tmp_path, "--name", "r", "--tensorboard", tb)
+    assert r.exit_code == 0, r.output
+    events = _read_events(tb)
+    scalars = {}
+    for e in events:
+        for v in e.summary.value:
+            if v.HasField("simple_value"):
+                scalars.setdefault(v.tag, []).append((e.step, v.simple_value))
+    hist = report.read_history(tmp_path / "r" / "history.csv")
+    assert [s for s, _ in scalars["epoch/test_acc"]] == [1, 2]
+    for (_, got), row in zip(scalars["epoch/test_acc"], hist):
+        assert got == pytest.approx(row["test_acc"], abs=1e-6)
+    assert [s for s, _ in scalars["step/loss"]] == [2, 4, 6, 8]   # 4 steps per epoch, every 2nd
+    assert {"step/acc", "step/lr", "step/img_per_s", "epoch/train_loss", "epoch/lr"} <= set(scalars)
+    graphs = [e for e in events if e.graph_def]
+    assert len(graphs) == 1
+    from tensorboardX.proto.graph_pb2 import GraphDef
+    ops = {n.op for n in GraphDef.FromString(graphs[0].graph_def).node}
+    assert {"Convolution", "BatchNorm", "Pooling", "FullyConnected"} <= ops
+    images = [v for e in events for v in e.summary.value if v.tag == "mistakes"]
+    assert len(images) == 1 and images[0].image.width > 100

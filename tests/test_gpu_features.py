@@ -23,7 +23,7 @@ def test_amp_with_float16_dtype_is_refused(tmp_path, cli_env):
     import pytest
 
     from vgg_gluon.config import ConfigError
-    with pytest.raises(ConfigError, match="amp"):
+    with pytest.raises(ConfigError, match="amp keeps float32 weights"):
         RunConfig(amp=True, dtype="float16").validate()
     r = CliRunner().invoke(cli.main, ["train", *TINY, "--amp", "--dtype", "float16", "--output-dir", str(tmp_path)])
     assert r.exit_code == 2 and "'--amp'" in r.output and "Traceback" not in r.output, r.output

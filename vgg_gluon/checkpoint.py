@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -32,7 +31,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +38,25 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from vgg_gluon.errors import UserError, mxnet_error_reason
+from vgg_gluon.fsutil import (  # noqa: F401  (re-exported: report, runs and tests use them from here)
+    TMP_PREFIX,
+    atomic_write,
+    atomic_write_text,
+    fsync_dir,
+    fsync_file,
+    sha256_file,
+    unlink_quietly,
+)
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PARAMS, STATES, META, MANIFEST = "model.params", "trainer.states", "meta.json", "MANIFEST.json"
 CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{5,}))?$")
-TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A one-line, user-facing problem with a run folder or checkpoint file."""
 
 
@@ -60,84 +68,6 @@ def _check_format(path: Path, version: Any) -> None:
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise NewerFormatError(f"{path}: written by a newer vgg-gluon (format {version}, this one reads "
                                f"{FORMAT_VERSION}): upgrade vgg-gluon")
-
-
-# ---------------------------------------------------------------------------------------------
-# durable file primitives
-def fsync_dir(path: Path) -> None:
-    """Make a rename/create inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode("utf-8"))
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_fault_hits: Dict[str, int] = {}
-
-
-def _fault(stage: str) -> None:
-    """Test-only fault injection at the stages of a save (no effect unless the variables are set).
-
-    VGG_GLUON_CRASH_AT=<stage> kills this process with SIGKILL there; <stage>@N does so the N-th
-    time the stage is reached (N-th save of the process). VGG_GLUON_SLOW_AT=<stage>:<seconds>
-    sleeps there, so a test can send signals while a save is in progress; the stage ``train-step``
-    (after every training step) makes an epoch slow enough to be hit on a fast machine. Lets the
-    fault-injection tests hit an exact point of a save in a real training process.
-    """
-    crash, slow = os.environ.get("VGG_GLUON_CRASH_AT"), os.environ.get("VGG_GLUON_SLOW_AT")
-    if not crash and not slow:
-        return
-    n = _fault_hits[stage] = _fault_hits.get(stage, 0) + 1
-    if slow and slow.split(":")[0] == stage:
-        time.sleep(float(slow.split(":")[1]))
-    if crash and (crash == stage or crash == f"{stage}@{n}"):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +334,7 @@ def cleanup_temp(run_dir: Path) -> int:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
-            _unlink_quietly(p)
+            unlink_quietly(p)
         n += 1
     if n:
         log.info("removed %d leftover temporary file(s) of an interrupted save in %s", n, run_dir)
@@ -471,14 +401,11 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
     tmp.mkdir(parents=True)
     try:
         _save_params_checked(net, tmp / PARAMS)
-        _fault("after-params")
         trainer.save_states(str(tmp / STATES))
         fsync_file(tmp / STATES)
-        _fault("after-states")
         meta = dict(meta, format_version=FORMAT_VERSION, epoch=epoch, step=step,
                     saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         _write_fsync(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
-        _fault("before-manifest")
         files = {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
                  for n in (PARAMS, STATES, META)}
         _write_fsync(tmp / MANIFEST, json.dumps({"format_version": FORMAT_VERSION, "files": files},
@@ -496,7 +423,6 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     ckpt = Checkpoint(final, epoch, step)
-    _fault("before-pointer")
     pointer = {"checkpoint": final.name, "epoch": epoch, "step": step,
                "test_acc": meta.get("metrics", {}).get("test_acc")}
     if "val_acc" in meta.get("metrics", {}):
@@ -504,7 +430,6 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
     atomic_write_text(run_dir / "last.json", json.dumps(pointer, indent=2) + "\n")
     if is_best:
         atomic_write_text(run_dir / "best.json", json.dumps(pointer, indent=2) + "\n")
-    _fault("after-pointer")
     apply_retention(run_dir, keep_last)
     return ckpt
 
@@ -529,8 +454,7 @@ def _save_params_checked(net, path: Path) -> None:
             free = None
         if free is not None and free < 2 * need + (1 << 20):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = next((ln for ln in reversed(lines) if not ln.startswith(("Traceback", "File "))), type(exc).__name__)
+        why = mxnet_error_reason(exc)
         raise CheckpointError(f"{path}: writing the weights failed ({why[:200]}); "
                               "the previous checkpoint is intact") from None
 

@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from vgg_gluon.errors import UserError
+
 DATASETS = ("fashion-mnist", "cifar10")
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
 OPTIMIZERS = ("sgd", "nag", "adam")
@@ -30,7 +32,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A one-line, user-facing problem with a setting.
 
     `fields` names the settings the problem is about, so the command line can name the option the

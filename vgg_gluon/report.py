@@ -122,6 +122,14 @@ def _save(fig, path: Path) -> None:
     atomic_write(Path(path), buf.getvalue())
 
 
+def confusion_matrix(truth, pred, num_classes: int):
+    """Counts (true class, predicted class) as an int64 (k, k) numpy array."""
+    import numpy as np
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(truth, np.int64), np.asarray(pred, np.int64)), 1)
+    return confusion
+
+
 def normalize_rows(confusion) -> List[List[float]]:
     """Each row (true class) divided by its count; empty rows stay 0."""
     out = []
