@@ -99,16 +99,25 @@ def test_resume_with_more_epochs_rebuilds_the_schedule(tmp_path, cli_env):
 
 
 def test_two_cpu_contexts_match_one(tmp_path, cli_env):
-    """Data parallel on cpu(0), cpu(1) gives the same weights as one device (no BN, no dropout:
-    BatchNorm statistics are per device and dropout masks per device stream)."""
-    args = [*TINY, "--epochs", 1, "--no-batch-norm", "--dropout", 0, "--lr", 0.02, "--output-dir", tmp_path]
+    """Data parallel on cpu(0), cpu(1) makes the same updates as one device (no BN, no dropout:
+    BatchNorm statistics are per device and dropout masks per device stream). Compared on what
+    training changed (final minus initial weights; 0.15% to 100% of a tensor's size after 8 steps
+    at lr 0.05): the weights themselves are mostly the shared initialisation."""
+    args = [*TINY, "--epochs", 2, "--no-batch-norm", "--dropout", 0, "--lr", 0.05, "--lr-schedule", "constant",
+            "--warmup-epochs", 0, "--output-dir", tmp_path]
     assert _invoke("train", *args, "--ctx", "cpu:0", "--name", "one").exit_code == 0
     r = _invoke("train", *args, "--ctx", "cpu:0,1", "--name", "two")
     assert r.exit_code == 0, r.output
     assert "ctx cpu:0,1" in (tmp_path / "two" / "train.log").read_text()
+    cfg = RunConfig.from_dict(ck.select_checkpoint(tmp_path / "one").meta()["config"])
+    net = engine.build_session(cfg).net        # the seeded initialisation both runs started from
+    start = {k: p.data().asnumpy() for k, p in zip(_params(tmp_path / "one"), net.collect_params().values())}
     p1, p2 = _params(tmp_path / "one"), _params(tmp_path / "two")
     for k in p1:
-        np.testing.assert_allclose(p1[k], p2[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        d1, d2 = p1[k] - start[k], p2[k] - start[k]
+        assert np.linalg.norm(d1) > 1e-3 * np.linalg.norm(start[k]), k    # far above float32 rounding
+        # measured: at most 3e-6 apart
+        assert np.linalg.norm(d2 - d1) < 1e-4 * np.linalg.norm(d1), (k, np.linalg.norm(d2 - d1) / np.linalg.norm(d1))
 
 
 def test_two_contexts_with_batch_norm_train(tmp_path, cli_env):
