@@ -316,3 +316,29 @@ def test_nag_without_hybridize_end_to_end(tmp_path, cli_env):
     assert p1.keys() == p2.keys()
     for k in p1:
         np.testing.assert_allclose(p1[k], p2[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.slow
+def test_resume_on_other_devices_and_kvstore_equals_uninterrupted(tmp_path, cli_env):
+    """--ctx and --kvstore may change on resume: a run trained on one device, resumed on two with
+    kvstore 'local', then on one again with 'device', ends with the weights of the uninterrupted
+    one-device run (no BN, no dropout, so the device split does not change the numbers; a constant
+    rate, so that the 1-epoch start has the schedule of the 3-epoch run)."""
+    args = [*TINY, "--no-batch-norm", "--dropout", 0, "--lr", 0.05, "--lr-schedule", "constant", "--warmup-epochs", 0,
+            "--output-dir", tmp_path]
+    assert _invoke("train", *args, "--epochs", 3, "--ctx", "cpu:0", "--name", "one").exit_code == 0
+    assert _invoke("train", *args, "--epochs", 1, "--ctx", "cpu:0", "--name", "moved").exit_code == 0
+    run = tmp_path / "moved"
+    r = _invoke("resume", run, "--epochs", 2, "--ctx", "cpu:0,1", "--kvstore", "local")
+    assert r.exit_code == 0, r.output
+    meta = ck.select_checkpoint(run).meta()
+    assert (meta["ctx"], meta["config"]["kvstore"], meta["num_update"]) == ("cpu:0,1", "local", 8)
+    r = _invoke("resume", run, "--epochs", 3, "--ctx", "cpu:0", "--kvstore", "device")
+    assert r.exit_code == 0, r.output
+    assert ck.select_checkpoint(run).meta()["ctx"] == "cpu:0"
+    p1, p2 = _params(tmp_path / "one"), _params(run)
+    for k in p1:
+        np.testing.assert_allclose(p2[k], p1[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    h1, h2 = (report.read_history(tmp_path / n / "history.csv") for n in ("one", "moved"))
+    assert [h["lr"] for h in h2] == pytest.approx([h["lr"] for h in h1], rel=1e-6, abs=1e-12)
+    assert [h["test_acc"] for h in h2] == pytest.approx([h["test_acc"] for h in h1], abs=1e-9)
