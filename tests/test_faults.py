@@ -173,15 +173,32 @@ def test_crash_at_every_stage_of_a_save(stage, base_run, tiny_data_dir, tmp_path
 
 
 def test_crash_in_the_second_save_of_a_process(tiny_data_dir, tmp_path):
-    """stage@N: the N-th save of one process; here epoch 2's, with epoch 1 committed before it."""
+    """stage@N: the N-th save of one process; here epoch 2's, with epoch 1 committed before it.
+    (The fast suite's case of the kills inside a save; test_crash_at_every_stage_of_a_save has them all.)"""
     env = _env(tiny_data_dir)
-    r = _run(["train", *TINY, "--epochs", 3, "--output-dir", tmp_path, "--name", "run"],
+    r = _run(["train", *TINY, "--epochs", 2, "--output-dir", tmp_path, "--name", "run"],
              _env(tiny_data_dir, VGG_GLUON_CRASH_AT="before-manifest@2"))
     assert r.returncode == -signal.SIGKILL, r.stderr
     run = tmp_path / "run"
     assert _after_kill(run) == "epoch-0001"
-    _finish(run, env, 3)
+    _finish(run, env, 2)
     assert _resumed_from(run) == "epoch-0001"
+
+
+def test_kill9_mid_epoch_then_resume_finishes(tiny_data_dir, tmp_path):
+    """The fast suite's case of the kills by timing (test_kill9_at_many_points_then_resume_finishes
+    has eleven): SIGKILL 40% into epoch 2, after epoch 1's commit; resume starts from epoch-0001
+    and finishes with a complete, verified run."""
+    run = tmp_path / "run"
+    proc = _start(["train", *TINY, "--epochs", 2, "--output-dir", tmp_path, "--name", "run"],
+                  _env(tiny_data_dir, VGG_GLUON_SLOW_AT="train-step:0.03"))   # an epoch >= 1 s
+    _wait_epoch_line(run, 1, proc)
+    time.sleep(0.4 * _epoch_seconds(run, 1.0))
+    _kill(proc)
+    assert _after_kill(run) == "epoch-0001" and not (run / "epoch-0002").exists()
+    _finish(run, _env(tiny_data_dir), 2)
+    assert _resumed_from(run) == "epoch-0001"
+    assert ck.select_checkpoint(run).meta()["num_update"] == 2 * 32    # epoch 1 was not trained twice
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,7 +303,7 @@ def test_signal_mid_epoch_saves_that_step_and_resume_continues_there(sig, code, 
     # 0.05 s per step: an epoch of 32 steps takes >= 1.6 s, so the signal lands inside epoch 2 on a
     # fast machine as on a loaded one
     env, run = _env(tiny_data_dir, VGG_GLUON_SLOW_AT="train-step:0.05"), tmp_path / "run"
-    proc = _start(["train", *TINY, "--epochs", 3, "--output-dir", tmp_path, "--name", "run"], env)
+    proc = _start(["train", *TINY, "--epochs", 2, "--output-dir", tmp_path, "--name", "run"], env)
     _wait_epoch_line(run, 1, proc)
     time.sleep(0.3 * _epoch_seconds(run, 1.6))  # into epoch 2
     proc.send_signal(sig)
@@ -299,7 +316,7 @@ def test_signal_mid_epoch_saves_that_step_and_resume_continues_there(sig, code, 
     assert f"checkpoint {c.path}" in err and f"vgg-gluon resume {run}" in err
     assert c.epoch == 1 and 0 < c.step < 32, c.name   # a mid-epoch checkpoint of epoch 2
     assert f"stopped in epoch 2 after step {c.step}" in err
-    _finish(run, env, 3)
+    _finish(run, _env(tiny_data_dir), 2)
     assert f"from {c.name} (epoch 2, step {c.step})" in (run / "train.log").read_text()
 
 
