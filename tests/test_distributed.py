@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, invoke_cli, run_cli, tiny_args
+from conftest import REPO, engine_run, invoke_cli, run_cli, tiny_args
 
 from vgg_gluon import cli, launch, report
 
@@ -500,27 +500,18 @@ def test_a_worker_that_errors_exits_at_once_and_the_launch_fails(tmp_path, tiny_
 
 
 @pytest.mark.slow
-def test_two_devices_with_batch_norm_stop_and_resume_equal_uninterrupted(tmp_path, cli_env, monkeypatch):
+def test_two_devices_with_batch_norm_stop_and_resume_equal_uninterrupted(tmp_path, cli_env):
     """--ctx cpu:0,1 with BatchNorm: stopped inside an epoch (statistics averaged over the devices
     before the save) and resumed, the run ends with the weights and statistics of an
     uninterrupted one."""
     import mxnet as mx
 
     from vgg_gluon import checkpoint as ck
-    args = [*TINY, "--epochs", 2, "--dropout", 0, "--ctx", "cpu:0,1", "--output-dir", tmp_path]
-    assert CliRunner().invoke(cli.main, ["train", *map(str, args), "--name", "full"]).exit_code == 0
-    calls = {"n": 0}
-
-    def stop_after(self):
-        calls["n"] += 1
-        return calls["n"] >= 6          # 4 steps per epoch: inside epoch 2
-    monkeypatch.setattr(cli.StopFlag, "__call__", stop_after)
-    monkeypatch.setattr(cli.StopFlag, "signum", 2, raising=False)
-    r = CliRunner().invoke(cli.main, ["train", *map(str, args), "--name", "part"])
-    assert r.exit_code == 130, r.output
+    settings = dict(epochs=2, dropout=0.0, ctx="cpu:0,1")
+    assert engine_run(tmp_path / "full", **settings).status == "finished"
+    assert engine_run(tmp_path / "part", stop_after=6, **settings).status == "stopped"   # inside epoch 2
     assert ck.select_checkpoint(tmp_path / "part").step > 0
-    monkeypatch.setattr(cli.StopFlag, "__call__", lambda self: False)
-    assert CliRunner().invoke(cli.main, ["resume", str(tmp_path / "part")]).exit_code == 0
+    assert invoke_cli("resume", tmp_path / "part").exit_code == 0
     full, part = (mx.nd.load(str(ck.select_checkpoint(tmp_path / n).file(ck.PARAMS))) for n in ("full", "part"))
     for k in full:
         np.testing.assert_allclose(full[k].asnumpy(), part[k].asnumpy(), rtol=1e-4, atol=1e-5, err_msg=k)
