@@ -276,6 +276,51 @@ def test_fashion_download_via_file_url(tmp_path, no_system_fashion, monkeypatch)
         s.name + ".gz" for s in specs.values())
 
 
+def test_fashion_download_with_a_wrong_md5_is_refused(tmp_path, no_system_fashion, monkeypatch):
+    """A download whose .gz differs from the official MD5 (here: a small stand-in served instead of
+    the official file) is refused and leaves nothing behind. The content SHA-256 check does not
+    apply to it (not the official size), so the MD5 is the only guard."""
+    mirror = tmp_path / "mirror"
+    make_fashion(mirror)
+    monkeypatch.setattr(D.base, "FASHION_MNIST_URL", mirror.as_uri() + "/")
+    data_dir = tmp_path / "data"
+    official = D.base.FASHION_FILES["train-images"].gz_md5
+    with pytest.raises(D.DataError, match=rf"is corrupted \(md5 [0-9a-f]{{32}}, expected {official}\)"):
+        D.load_dataset("fashion-mnist", data_dir, download=True)
+    assert not list((data_dir / "fashion-mnist").iterdir())
+
+
+def test_data_command(tmp_path, no_system_fashion, monkeypatch):
+    """`vgg-gluon data`: CIFAR-10 from an archive (then idempotent), Fashion-MNIST downloaded and
+    verified, and --no-download without the files: one line, exit 1, nothing fetched."""
+    from conftest import EXIT_INPUT, invoke_cli, one_line_error
+    src = tmp_path / "src"
+    make_image_folder(src)
+    archive = make_tar(tmp_path / "c.tar.gz", folder_members(src))
+    data_dir = tmp_path / "data"
+    for _ in range(2):
+        r = invoke_cli("data", "cifar10", "--data-dir", data_dir, "--from-archive", archive)
+        assert r.exit_code == 0, r.output
+        assert "9 train / 6 test" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert (data_dir / "cifar10" / "decoded-cache.npz").is_file()
+
+    mirror = tmp_path / "mirror"
+    make_fashion(mirror)
+    monkeypatch.setattr(D.base, "FASHION_MNIST_URL", mirror.as_uri() + "/")
+    line = one_line_error(invoke_cli("data", "fashion-mnist", "--data-dir", data_dir, "--no-download"),
+                          EXIT_INPUT, "Fashion-MNIST not found")
+    assert "apt-get install dataset-fashion-mnist" in line and not (data_dir / "fashion-mnist").exists()
+    one_line_error(invoke_cli("data", "fashion-mnist", "--data-dir", data_dir), EXIT_INPUT, "is corrupted (md5")
+    md5 = {v.name: hashlib.md5((mirror / (v.name + ".gz")).read_bytes()).hexdigest()
+           for v in D.base.FASHION_FILES.values()}
+    monkeypatch.setattr(D.base, "FASHION_FILES", {k: D.base.IdxFile(v.name, md5[v.name], v.sha256, v.count)
+                                              for k, v in D.base.FASHION_FILES.items()})
+    r = invoke_cli("data", "fashion-mnist", "--data-dir", data_dir)
+    assert r.exit_code == 0 and "12 train / 5 test" in r.output, r.output
+    assert sorted(p.name for p in (data_dir / "fashion-mnist").iterdir()) == sorted(
+        v.name + ".gz" for v in D.base.FASHION_FILES.values())
+
+
 # --------------------------------------------------------------------------------------------
 # Downloads
 

@@ -178,6 +178,7 @@ def read_pointer(run_dir: Path, which: str) -> Optional[Checkpoint]:
 
 
 LOCK = ".lock"
+MARKER = ".running.json"   # pid and host of the training process (runs.RunMarker writes it)
 
 
 @contextlib.contextmanager
@@ -185,11 +186,15 @@ def run_lock(run_dir: Path):
     """Hold RUN/.lock (flock) while a process trains into `run_dir`, so a second train or resume of
     the same run is refused instead of deleting the first one's save in progress or interleaving
     checkpoints. The kernel drops the lock when the process dies, kill -9 included; where the file
-    system has no flock (some network mounts), the run goes on unlocked."""
+    system has no flock (some network mounts), the run goes on unlocked.
+
+    Nothing is written into the file: a command that is then refused (a damaged checkpoint, a
+    setting that cannot change) leaves every byte of the run folder as it was. The holder's pid
+    for the message comes from the kernel's lock table instead."""
     import fcntl
     path = Path(run_dir) / LOCK
     try:
-        f = open(path, "a+", encoding="utf-8")
+        f = open(path, "a+", encoding="utf-8")   # creates the file only for a new (or pre-lock) run
     except OSError:
         yield
         return
@@ -197,19 +202,36 @@ def run_lock(run_dir: Path):
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            raise CheckpointError(f"{run_dir}: in use by another vgg-gluon process (pid {holder}); wait for it "
-                                  "to finish or stop it (Ctrl-C saves a checkpoint), then resume") from None
+            holder = _lock_holder(f.fileno(), Path(run_dir))
+            raise CheckpointError(f"{run_dir}: in use by another vgg-gluon process"
+                                  + (f" (pid {holder})" if holder else "") + "; wait for it to finish or stop "
+                                  "it (Ctrl-C saves a checkpoint), then resume") from None
         except OSError:
             pass  # no flock on this file system
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
         yield
     finally:
         f.close()  # releases the lock
+
+
+def _lock_holder(fd: int, run_dir: Path) -> Optional[int]:
+    """The pid holding the flock on the open file `fd`: from /proc/locks (Linux; lines such as
+    `2: FLOCK  ADVISORY  WRITE 14097 fe:00:2146374 0 EOF`), else the training process named in
+    RUN/.running.json (MARKER), else None."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        table = ""
+    for line in table.splitlines():
+        parts = line.split()   # waiting requests read "N: -> FLOCK ...": not the holder
+        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == where and parts[4].isdigit():
+            return int(parts[4])
+    try:
+        pid = json.loads((run_dir / MARKER).read_text(encoding="utf-8")).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) else None
 
 
 def cleanup_temp(run_dir: Path) -> int:

@@ -176,6 +176,11 @@ class RunConfig:
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("kvstore", self.kvstore, KVSTORES)
         _choice("dtype", self.dtype, DTYPES)
+        from vgg_gluon.runtime import RuntimeSetupError, parse_ctx  # the --ctx syntax (no MXNet import)
+        try:
+            parse_ctx(self.ctx)
+        except RuntimeSetupError as exc:   # a malformed value is bad usage; a missing GPU is not (resolve_ctx)
+            raise SettingError("ctx", str(exc)) from None
         if self.amp and self.dtype != "float32":
             raise SettingError("amp", "keeps float32 weights and casts per operator: use it with dtype float32",
                                ("dtype",))

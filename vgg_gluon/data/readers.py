@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover - hints only
 log = logging.getLogger(__name__)
 
 _CACHE_NAME = "decoded-cache.npz"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2   # 2: images decoded by image_to_array (EXIF orientation, 16-bit scaling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,8 +230,11 @@ def _list_image_folder(root: Path) -> Tuple[List[str], Dict[str, List[Tuple[str,
 
 
 def _decode_images(root: Path, rels: Sequence[str], size: int = 32) -> np.ndarray:
-    """Decode image files to uint8 (N, size, size, 3) RGB; other sizes are resized (bilinear)."""
+    """Decode image files to uint8 (N, size, size, 3) RGB, by the decoding predict uses too
+    (imagefile.image_to_array); other sizes are resized."""
     from PIL import Image  # Pillow only when an image folder is actually read
+
+    from vgg_gluon.imagefile import image_to_array
 
     out = np.empty((len(rels), size, size, 3), dtype=np.uint8)
     resized = 0
@@ -240,11 +243,8 @@ def _decode_images(root: Path, rels: Sequence[str], size: int = 32) -> np.ndarra
         try:
             # Reading the bytes first is ~30% faster than letting Pillow read the file itself.
             with Image.open(io.BytesIO(path.read_bytes())) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    resized += 1
-                    im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im)
+                resized += im.size != (size, size)
+                out[i] = image_to_array(im, 3, size)
         except (OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"cannot decode image {path} ({exc}): delete or replace it") from None
     if resized:
