@@ -16,7 +16,18 @@ import click
 
 import vgg_gluon
 from vgg_gluon.cli_group import SuggestingGroup
-from vgg_gluon.config import ARCHS, DATASETS, DTYPES, KVSTORES, OPTIMIZERS, SCHEDULES, ConfigError, RunConfig
+from vgg_gluon.config import (
+    ACTIVATIONS,
+    ARCHS,
+    DATASETS,
+    DTYPES,
+    KVSTORES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TTA_MODES,
+    ConfigError,
+    RunConfig,
+)
 
 log = logging.getLogger("vgg_gluon")
 
@@ -117,12 +128,31 @@ data_options = _options(
     click.option("--test-limit", type=click.IntRange(min=1), help="Use only the first N test images."),
 )
 
+# Augmentation in detail (--augment is the classic crop 4 + random flip in one flag).
+augment_options = _options(
+    click.option("--augment-crop", type=click.IntRange(min=0),
+                 help="Random crop of the image zero-padded by N px (translate by up to N; 0 = off)."),
+    click.option("--augment-flip/--no-augment-flip", default=None, help="Random horizontal flip."),
+    click.option("--alternate-flip/--no-alternate-flip", default=None,
+                 help="Derandomized flip (airbench94): each image flipped the other way every other epoch."),
+    click.option("--augment-cutout", type=click.IntRange(min=0),
+                 help="Cutout: zero an N x N square at a random place (0 = off, the default)."),
+)
+
 model_options = _options(
     click.option("--arch", type=_choice(ARCHS), help="VGG configuration (A, B, D, E): default vgg11."),
     click.option("--width", type=float, help="Channel width multiplier (default 0.25: the tutorials' ratio 4)."),
     click.option("--batch-norm/--no-batch-norm", default=None, help="BatchNorm after every convolution."),
     click.option("--fc-units", type=int, help="Units of the two hidden dense layers (default 4096 x width)."),
     click.option("--dropout", type=float, help="Dropout after each hidden dense layer (default 0.5)."),
+    click.option("--activation", type=_choice(ACTIVATIONS), help="relu (default) or gelu."),
+    click.option("--bn-scale/--no-bn-scale", default=None,
+                 help="BatchNorm learns a scale (default) or only its shift (airbench94: --no-bn-scale)."),
+    click.option("--bn-momentum", type=float,
+                 help="BatchNorm running-average momentum, Gluon's convention (default 0.9; airbench94: 0.4)."),
+    click.option("--whiten/--no-whiten", default=None,
+                 help="Initialize the 2x2 patch stem (fast3, fast3s) from the training data's patch "
+                      "covariance, frozen (default off)."),
     click.option("--hybridize/--no-hybridize", default=None,
                  help="Compile the network (static_alloc, static_shape; several CPU contexts compile "
                       "without them, which race there). Default on."),
@@ -133,9 +163,22 @@ optim_options = _options(
     click.option("--batch-size", type=int, help="Global batch size, split across devices (default 128)."),
     click.option("--optimizer", type=_choice(OPTIMIZERS), help="sgd, nag or adam (default sgd)."),
     click.option("--lr", type=float, help="Peak learning rate."),
+    click.option("--lr-base-batch", type=click.IntRange(min=1),
+                 help="--lr is per N images: the LR used is lr x batch-size / N (default: --lr as is)."),
+    click.option("--bias-lr-mult", type=float, help="LR multiplier of BatchNorm and bias parameters (default 1)."),
+    click.option("--no-wd-bias/--wd-bias", default=None,
+                 help="No weight decay on BatchNorm and bias parameters (default: decayed like the rest)."),
+    click.option("--lookahead/--no-lookahead", default=None,
+                 help="Lookahead (airbench94): an EMA of the weights copied back every --lookahead-every steps."),
+    click.option("--lookahead-every", type=click.IntRange(min=1), help="Steps between lookahead updates (default 5)."),
+    click.option("--lookahead-decay", type=float, help="Lookahead per-step decay (default 0.95)."),
+    click.option("--lookahead-start", type=float, help="Fraction of the run before lookahead starts (default 0.3)."),
+    click.option("--eval-tta", type=_choice(TTA_MODES),
+                 help="Test-time augmentation of the per-epoch evaluation: none (default), flip, flip-translate."),
     click.option("--momentum", type=float, help="Momentum for sgd/nag (default 0.9)."),
     click.option("--wd", type=float, help="Weight decay (default 5e-4)."),
-    click.option("--lr-schedule", type=_choice(SCHEDULES), help="constant, step or cosine (per iteration)."),
+    click.option("--lr-schedule", type=_choice(SCHEDULES),
+                 help="constant, step, cosine or linear (per iteration; linear after a warmup = triangular)."),
     click.option("--warmup-epochs", type=float, help="Linear warmup from 0 over this many epochs."),
     click.option("--lr-steps", help="Epochs where the step schedule multiplies the LR by --lr-factor, e.g. 15,25."),
     click.option("--lr-factor", type=float, help="Step schedule factor (default 0.1)."),
@@ -166,16 +209,18 @@ _SETTING_KEYS = {"dataset", "data_dir", "image_size", "val_split", "train_limit"
                  "batch_norm", "fc_units", "dropout", "hybridize", "epochs", "batch_size", "optimizer", "lr",
                  "momentum", "wd", "lr_schedule", "warmup_epochs", "lr_steps", "lr_factor", "label_smoothing",
                  "seed", "ctx", "kvstore", "keep_last", "log_interval", "output_dir", "run_name",
-                 "dtype", "amp"}
+                 "dtype", "amp", "augment_crop", "augment_flip", "alternate_flip", "augment_cutout",
+                 "activation", "bn_scale", "bn_momentum", "whiten", "lr_base_batch", "bias_lr_mult", "no_wd_bias",
+                 "lookahead", "lookahead_every", "lookahead_decay", "lookahead_start", "eval_tta"}
 
 
 def _flag_settings(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The RunConfig settings the user typed (None means not given)."""
     out = {k: v for k, v in kwargs.items() if k in _SETTING_KEYS and v is not None}
     if kwargs.get("augment") is not None:
-        out["augment_crop"] = 4 if kwargs["augment"] else 0
-        out["augment_flip"] = bool(kwargs["augment"])
-    for k in ("dataset", "arch", "optimizer", "lr_schedule", "kvstore", "dtype"):
+        out.setdefault("augment_crop", 4 if kwargs["augment"] else 0)
+        out.setdefault("augment_flip", bool(kwargs["augment"]))
+    for k in ("dataset", "arch", "optimizer", "lr_schedule", "kvstore", "dtype", "activation", "eval_tta"):
         if k in out:
             out[k] = out[k].lower()
     return out
@@ -270,8 +315,9 @@ def _duration(seconds: float) -> str:
 
 
 def epoch_line(row: Dict[str, Any], epochs: int, is_best: bool) -> str:
+    tta = f" (TTA {row['tta']})" if row.get("tta") else ""
     s = (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-         f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}")
+         f"test{tta} loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}")
     if "val_acc" in row:
         s += f"  val acc {row['val_acc']:.4f}"
     s += f"  {row['seconds']:.1f}s {row['img_per_s']:,.0f} img/s  lr {row['lr']:.4g}"
@@ -406,6 +452,7 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
 @click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="Recipe YAML (experiments/*.yaml); flags override it.")
 @data_options
+@augment_options
 @model_options
 @optim_options
 @run_options
@@ -447,6 +494,7 @@ def train(config_path, quiet, **kwargs):
 @click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="With --params: recipe YAML for the new run.")
 @data_options
+@augment_options
 @model_options
 @optim_options
 @run_options
@@ -525,6 +573,7 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
     session = engine.build_session(cfg, params_source=c)
     from vgg_gluon.distributed import load_trainer_states  # dist_async: no momentum to restore
     load_trainer_states(session, c.file(ck.STATES))
+    engine.restore_extras(session, c)
     got, want = int(session.trainer._optimizer.num_update), meta.get("num_update")
     if isinstance(want, int) and got != want:
         raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
@@ -596,9 +645,12 @@ def _infer_from_params(params_path: str, flags: Dict[str, Any]) -> Dict[str, Any
 @model_options
 @click.option("--batch-size", type=int, help="Evaluation batch size (default 256).")
 @click.option("--ctx", help="auto, cpu, gpu, gpu:0,1 or cpu:0,1.")
+@click.option("--tta", type=_choice(TTA_MODES), default=None,
+              help="Test-time augmentation: none, flip (image + mirror), flip-translate (also shifted 1 px; "
+                   "airbench94). Default: the run's --eval-tta, else none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @friendly_errors
-def evaluate(run, which, params_path, as_json, **kwargs):
+def evaluate(run, which, params_path, as_json, tta, **kwargs):
     """Accuracy, loss, per-class accuracy and confusion matrix on the test set.
 
     \b
@@ -624,17 +676,19 @@ def evaluate(run, which, params_path, as_json, **kwargs):
         cfg = resolve_config(None, _infer_from_params(params_path, flags))
         source, epoch = Path(params_path), None
     session = engine.build_session(cfg, train=False, params_source=source)
-    result = engine.evaluate(session.net, session.eval_loader, session.num_classes)
+    tta = (tta or cfg.eval_tta).lower()
+    result = engine.evaluate(session.net, session.eval_loader, session.num_classes, tta=tta)
     classes = list(session.dataset.classes)
     out = {"source": str(source.path if hasattr(source, "path") else source), "epoch": epoch,
-           "dataset": cfg.dataset, "arch": cfg.arch, "accuracy": result["acc"], "loss": result["loss"],
+           "dataset": cfg.dataset, "arch": cfg.arch, "tta": tta, "accuracy": result["acc"], "loss": result["loss"],
            "samples": result["samples"], "img_per_s": result["img_per_s"], "classes": classes,
            "per_class_accuracy": dict(zip(classes, result["per_class_acc"])), "confusion": result["confusion"]}
     if as_json:
         click.echo(json.dumps(out))
         return
     click.echo(f"{out['source']}" + (f" (epoch {epoch})" if epoch is not None else ""))
-    click.echo(f"{cfg.dataset} test: accuracy {result['acc']:.4f}  loss {result['loss']:.4f}  "
+    click.echo(f"{cfg.dataset} test ({'no TTA' if tta == 'none' else 'TTA ' + tta}): accuracy {result['acc']:.4f}  "
+               f"loss {result['loss']:.4f}  "
                f"{result['samples']} images  {result['img_per_s']:,.0f} img/s")
     click.echo("\nper-class accuracy:")
     width = max(len(c) for c in classes)

@@ -14,9 +14,11 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 DATASETS = ("fashion-mnist", "cifar10")
-ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
+ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "fast3", "fast3s")  # = models.VGG_SPECS (a test checks)
 OPTIMIZERS = ("sgd", "nag", "adam")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
+ACTIVATIONS = ("relu", "gelu")
+TTA_MODES = ("none", "flip", "flip-translate")
 KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
 DTYPES = ("float32", "float16")
 
@@ -33,6 +35,8 @@ class RunConfig:
     image_size: Optional[int] = None        # None: native 32 px (Fashion-MNIST padded 28 -> 32)
     augment_crop: int = 0                   # random crop with this much zero padding (0 = off)
     augment_flip: bool = False              # random horizontal flip
+    alternate_flip: bool = False            # flip: each image's random flip of epoch 1, inverted every other epoch
+    augment_cutout: int = 0                 # cutout: zero a square of this side at a random place (0 = off)
     val_split: float = 0.0                  # fraction of train held out for validation
     train_limit: Optional[int] = None       # use only the first N training images
     test_limit: Optional[int] = None
@@ -45,11 +49,18 @@ class RunConfig:
     hybridize: bool = True
     dtype: str = "float32"                  # float16: fp16 weights/activations, fp32 master weights
     amp: bool = False                       # MXNet AMP: float16 where safe, dynamic loss scaling
+    activation: str = "relu"                # relu or gelu (convolutions; the mlp head stays relu)
+    bn_scale: bool = True                   # False: BatchNorm learns only its shift (gamma fixed at 1)
+    bn_momentum: float = 0.9                # running = m * running + (1 - m) * batch (PyTorch's 0.6 = 0.4 here)
+    whiten: bool = False                    # patch stem (fast3*): frozen whitening filters from training data
     # optimization
     epochs: int = 10
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float = 0.05
+    lr_base_batch: Optional[int] = None     # set: lr is per this many images, scaled by batch_size / it
+    bias_lr_mult: float = 1.0               # LR multiplier of BatchNorm shifts/scales and biases
+    no_wd_bias: bool = False                # no weight decay on BatchNorm shifts/scales and biases
     momentum: float = 0.9
     wd: float = 5e-4
     lr_schedule: str = "cosine"
@@ -57,6 +68,11 @@ class RunConfig:
     lr_steps: List[int] = field(default_factory=list)  # epochs at which "step" multiplies by lr_factor
     lr_factor: float = 0.1
     label_smoothing: float = 0.0
+    lookahead: bool = False                 # lookahead (airbench94): an EMA of the weights copied back
+    lookahead_every: int = 5                # steps between lookahead updates
+    lookahead_decay: float = 0.95           # per-step decay; the update uses decay**every * (t/T)**3
+    lookahead_start: float = 0.3            # fraction of the run before the first update
+    eval_tta: str = "none"                  # test-time augmentation of the per-epoch evaluation
     seed: int = 42
     # devices and run folder
     ctx: str = "auto"
@@ -94,6 +110,10 @@ class RunConfig:
     def from_yaml(cls, path: Path) -> "RunConfig":
         return cls.from_dict(load_yaml(path), source=str(path))
 
+    def effective_lr(self) -> float:
+        """The peak LR used: lr, scaled linearly to the batch size when lr_base_batch is set."""
+        return self.lr * self.batch_size / self.lr_base_batch if self.lr_base_batch else self.lr
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -109,6 +129,24 @@ class RunConfig:
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("kvstore", self.kvstore, KVSTORES)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("eval_tta", self.eval_tta, TTA_MODES)
+        if self.lookahead and self.kvstore == "dist_async":
+            raise ConfigError("--lookahead needs one set of weights per step: not with --kvstore dist_async")
+        if self.alternate_flip and not self.augment_flip:
+            raise ConfigError("--alternate-flip changes how images are flipped: use it with flip augmentation on")
+        if self.whiten and self.arch in ("vgg11", "vgg13", "vgg16", "vgg19"):
+            raise ConfigError(f"--whiten initializes a patch stem, which {self.arch} has not: use --arch fast3")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ConfigError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
+        if not 0.0 <= self.lookahead_decay < 1.0:
+            raise ConfigError(f"lookahead_decay must be in [0, 1), got {self.lookahead_decay}")
+        if not 0.0 <= self.lookahead_start < 1.0:
+            raise ConfigError(f"lookahead_start must be in [0, 1), got {self.lookahead_start}")
+        _positive("lookahead_every", self.lookahead_every)
+        _positive("bias_lr_mult", self.bias_lr_mult)
+        if self.lr_base_batch is not None:
+            _positive("lr_base_batch", self.lr_base_batch)
         if self.amp and self.dtype != "float32":
             raise ConfigError("--amp keeps float32 weights and casts per operator: use it with --dtype float32")
         _positive("epochs", self.epochs)
@@ -130,7 +168,7 @@ class RunConfig:
             raise ConfigError(f"val_split must be in [0, 1), got {self.val_split}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("momentum", "wd", "warmup_epochs", "augment_crop"):
+        for name in ("momentum", "wd", "warmup_epochs", "augment_crop", "augment_cutout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.momentum >= 1:
@@ -149,7 +187,7 @@ class RunConfig:
 
 # Types of fields whose default is None, for coercion of YAML/CLI strings.
 _OPTIONAL_TYPES = {"data_dir": str, "image_size": int, "train_limit": int, "test_limit": int,
-                   "fc_units": int, "run_name": str}
+                   "fc_units": int, "run_name": str, "lr_base_batch": int}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
