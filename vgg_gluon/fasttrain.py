@@ -79,7 +79,13 @@ class Lookahead:
 
     def __init__(self, net, *, every: int, decay: float, start_update: int, total_updates: int,
                  power: float = 3.0) -> None:
-        self.params = [p for p in net.collect_params().values()]
+        # Structural names ("features.block1.conv1.weight", as in model.params): stable across
+        # processes, unlike Gluon's instance prefixes (vgg0_, vgg1_, ...).
+        # Trained weights and BatchNorm statistics; fixed parameters (whitening filters, BN gamma
+        # without scale) stay out: a lerp of equal values can move them by an ulp.
+        named = {n: p for n, p in net._collect_params_with_prefix().items()  # noqa: SLF001 - save_parameters' names
+                 if p.grad_req != "null" or n.endswith(("running_mean", "running_var"))}
+        self.names, self.params = list(named), list(named.values())
         self.every, self.decay, self.power = int(every), float(decay), float(power)
         self.start_update, self.total_updates = int(start_update), max(int(total_updates), 1)
         self.slow: Optional[List[mx.nd.NDArray]] = None
@@ -122,7 +128,7 @@ class Lookahead:
     def save(self, path: Path) -> None:
         arrays: Dict[str, mx.nd.NDArray] = {}
         if self.slow is not None:
-            arrays = {p.name: s.as_in_context(mx.cpu()) for p, s in zip(self.params, self.slow)}
+            arrays = {n: s.as_in_context(mx.cpu()) for n, s in zip(self.names, self.slow)}
         # An empty file still says "not started yet": mx.nd.save needs one array at least.
         arrays["__started__"] = mx.nd.array([1.0 if self.slow is not None else 0.0])
         mx.nd.save(str(path), arrays)
@@ -138,15 +144,15 @@ class Lookahead:
         if float(arrays["__started__"].asscalar()) == 0.0:
             self.slow = None
             return
-        missing = [p.name for p in self.params if p.name not in arrays]
+        missing = [n for n in self.names if n not in arrays]
         if missing:
             raise CheckpointError(f"{path}: lookahead state lacks {missing[0]} (another network?)")
         ctx = self.params[0].list_data()[0].context
         self.slow = []
-        for p in self.params:
-            a = arrays[p.name]
+        for n, p in zip(self.names, self.params):
+            a = arrays[n]
             if a.shape != p.shape:
-                raise CheckpointError(f"{path}: lookahead state of {p.name} has shape {a.shape}, "
+                raise CheckpointError(f"{path}: lookahead state of {n} has shape {a.shape}, "
                                       f"the network {p.shape}")
             self.slow.append(a.astype(p.dtype).as_in_context(ctx))
 

@@ -461,6 +461,8 @@ def _spec_rows(spec: Spec, batch_norm: bool, fc_units: int, num_classes: int,
     if lay.head == "linear":
         rows.append(LayerRow("classifier.pool", "pool", (1, c, 1, 1), 0, 0))
         rows.append(LayerRow("classifier.fc", "dense", (1, num_classes), c * num_classes, c * num_classes))
+        if lay.logit_scale != 1.0:
+            rows.append(LayerRow("classifier.scale", "scale", (1, num_classes), 0, 0))
         return rows
     features = c * h * w
     for name, kind in _CLASSIFIER_LAYERS:
