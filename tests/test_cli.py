@@ -59,9 +59,10 @@ def test_evaluate_text_and_json(trained_run, cli_env):
 
 def test_evaluate_bare_params(trained_run, cli_env):
     params = trained_run / "epoch-0002" / "model.params"
-    r = _invoke("evaluate", "--params", params, "--dataset", "fashion-mnist", "--test-limit", 64, "--json")
-    assert r.exit_code == 0, r.output   # width/BN/fc units inferred from the file
-    assert json.loads(r.output)["samples"] == 64
+    r = _invoke("evaluate", "--params", params, "--dataset", "fashion-mnist", "--test-limit", 64, "--json",
+                mix_stderr=False)
+    assert r.exit_code == 0, r.output   # width/BN/fc units inferred from the file (said on stderr)
+    assert json.loads(r.stdout)["samples"] == 64
 
 
 def test_resume_from_bare_params_starts_new_run(trained_run, cli_env, tmp_path):
@@ -87,9 +88,9 @@ def _one_line_error(r, *words):
     (["train", "--arch", "vgg12"], ["vgg12"]),
     (["train", "--ctx", "tpu"], ["unknown context 'tpu'"]),
     (["train", "--ctx", "gpu:0"], ["GPU"]),
-    (["train", "--epochs", "0"], ["epochs must be positive"]),
-    (["train", "--batch-size", "-4"], ["batch_size must be positive"]),
-    (["train", "--lr", "-1"], ["lr must be positive"]),
+    (["train", "--epochs", "0"], ["'--epochs': must be positive"]),
+    (["train", "--batch-size", "-4"], ["'--batch-size': must be positive"]),
+    (["train", "--lr", "-1"], ["'--lr': must be positive"]),
     (["train", "--image-size", "8"], ["8"]),
     (["train", "--config", "nonexistent.yaml"], ["nonexistent.yaml"]),
     (["resume"], ["either a run folder or --params"]),

@@ -36,8 +36,8 @@ def test_d2l_recipe_is_the_tutorials():
     ({"epochs": 0}, "epochs must be positive"),
     ({"batch_size": -1}, "batch_size must be positive"),
     ({"lr": 0}, "lr must be positive"),
-    ({"arch": "vgg12"}, "unknown arch 'vgg12'"),
-    ({"dataset": "mnist"}, "unknown dataset"),
+    ({"arch": "vgg12"}, "arch 'vgg12' is not one of"),
+    ({"dataset": "mnist"}, "dataset 'mnist' is not one of"),
     ({"image_size": 16}, "at least 32"),
     ({"dropout": 1.0}, "dropout"),
     ({"warmup_epochs": 20, "epochs": 10}, "warmup_epochs"),
@@ -55,7 +55,7 @@ def test_unknown_key_suggests(tmp_path):
 
 
 def test_type_errors_name_the_setting():
-    with pytest.raises(ConfigError, match="batch_size must be int"):
+    with pytest.raises(ConfigError, match="batch_size must be a whole number"):
         RunConfig.from_dict({"batch_size": "many"})
     assert RunConfig.from_dict({"batch_norm": "no"}).batch_norm is False
     assert RunConfig.from_dict({"lr_steps": "10,20"}).lr_steps == [10, 20]

@@ -31,7 +31,9 @@ def _cycle(tmp_path, dataset, extra=()):
 @pytest.mark.skipif(not (FASHION_SYSTEM / "train-images-idx3-ubyte.gz").exists(),
                     reason="Debian's dataset-fashion-mnist is not installed (make data installs it)")
 def test_fashion_mnist_train_resume_evaluate(tmp_path):
-    out = _cycle(tmp_path, "fashion-mnist")
+    # The plumbing on the real files, not the recipe: the data set's recipe (lr 0.1 with a warmup
+    # sized for 469 steps per epoch) is too hot for 16 steps of a 1/8-width net (10.9% once on CI).
+    out = _cycle(tmp_path, "fashion-mnist", extra=("--lr", "0.05", "--warmup-epochs", "0"))
     assert out["accuracy"] > 0.2   # 2 short epochs on 1,024 images: well above chance (0.1)
 
 

@@ -102,7 +102,7 @@ def test_two_contexts_with_batch_norm_train(tmp_path, cli_env):
 def test_batch_smaller_than_devices_is_refused(tmp_path, cli_env):
     r = _invoke("train", "--width", "0.0625", "--train-limit", 64, "--batch-size", 1, "--ctx", "cpu:0,1",
                 "--output-dir", tmp_path)
-    assert r.exit_code != 0 and "smaller than the number of devices" in r.output
+    assert r.exit_code == 2 and "'--batch-size': must be at least the number of devices (2)" in r.output
 
 
 def test_nan_stops_with_distinct_code_and_keeps_last_good(tmp_path, cli_env):

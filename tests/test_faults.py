@@ -668,7 +668,12 @@ def offline_fashion(monkeypatch):
 
 
 def test_data_folder_missing(offline_fashion, tmp_path):
-    line = _one_line_error(_invoke("train", *TINY, "--epochs", 1, "--data-dir", tmp_path / "nope",
+    # A folder that does not exist: refused as bad usage before anything else happens.
+    r = _invoke("train", *TINY, "--epochs", 1, "--data-dir", tmp_path / "nope", "--output-dir", tmp_path)
+    assert r.exit_code == 2 and "no such folder" in _one_line_error(r)
+    # An empty one, offline: the download is tried and fails in one line.
+    (tmp_path / "empty").mkdir()
+    line = _one_line_error(_invoke("train", *TINY, "--epochs", 1, "--data-dir", tmp_path / "empty",
                                    "--output-dir", tmp_path))
     assert "cannot download" in line and "network" in line
 

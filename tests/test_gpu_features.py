@@ -23,7 +23,7 @@ def test_amp_with_float16_dtype_is_refused():
     import pytest
 
     from vgg_gluon.config import ConfigError
-    with pytest.raises(ConfigError, match="--amp"):
+    with pytest.raises(ConfigError, match="amp keeps float32 weights"):
         RunConfig(amp=True, dtype="float16").validate()
 
 

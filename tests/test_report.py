@@ -158,7 +158,10 @@ def test_runs_lists_states_newest_first(run, tmp_path):
     lines = text.output.splitlines()
     assert lines[0].split()[:3] == ["run", "dataset", "architecture"]
     assert len(lines) == 7 and "2/2" in lines[2] and "finished" in lines[2] and "vgg11 x0.0625 +BN" in lines[2]
+    (tmp_path / "none").mkdir()
     assert _invoke("runs", "--dir", tmp_path / "none").output.startswith("no run folders")
+    r = _invoke("runs", "--dir", tmp_path / "missing")
+    assert r.exit_code == 1 and "no such folder" in r.stderr
 
 
 def test_summary_of_a_run(run):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -32,13 +31,23 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from vgg_gluon.errors import UserError, mxnet_error_reason
+from vgg_gluon.fsutil import (  # noqa: F401  (re-exported: report, runs and tests use them from here)
+    TMP_PREFIX,
+    atomic_write,
+    atomic_write_text,
+    fsync_dir,
+    fsync_file,
+    sha256_file,
+    unlink_quietly,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +56,9 @@ PARAMS, STATES, META, MANIFEST = "model.params", "trainer.states", "meta.json", 
 #: Files a checkpoint may hold besides the three above (a technique's state, e.g. lookahead).
 OPTIONAL_FILES = frozenset({"lookahead.params"})
 CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{5,}))?$")
-TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A one-line, user-facing problem with a run folder or checkpoint file."""
 
 
@@ -62,84 +70,6 @@ def _check_format(path: Path, version: Any) -> None:
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise NewerFormatError(f"{path}: written by a newer vgg-gluon (format {version}, this one reads "
                                f"{FORMAT_VERSION}): upgrade vgg-gluon")
-
-
-# ---------------------------------------------------------------------------------------------
-# durable file primitives
-def fsync_dir(path: Path) -> None:
-    """Make a rename/create inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode("utf-8"))
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_fault_hits: Dict[str, int] = {}
-
-
-def _fault(stage: str) -> None:
-    """Test-only fault injection at the stages of a save (no effect unless the variables are set).
-
-    VGG_GLUON_CRASH_AT=<stage> kills this process with SIGKILL there; <stage>@N does so the N-th
-    time the stage is reached (N-th save of the process). VGG_GLUON_SLOW_AT=<stage>:<seconds>
-    sleeps there, so a test can send signals while a save is in progress; the stage ``train-step``
-    (after every training step) makes an epoch slow enough to be hit on a fast machine. Lets the
-    fault-injection tests hit an exact point of a save in a real training process.
-    """
-    crash, slow = os.environ.get("VGG_GLUON_CRASH_AT"), os.environ.get("VGG_GLUON_SLOW_AT")
-    if not crash and not slow:
-        return
-    n = _fault_hits[stage] = _fault_hits.get(stage, 0) + 1
-    if slow and slow.split(":")[0] == stage:
-        time.sleep(float(slow.split(":")[1]))
-    if crash and (crash == stage or crash == f"{stage}@{n}"):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +85,7 @@ _ALLOWED_GLOBALS = {
 }
 # Optimizer and LR-scheduler classes are admitted by module, but only real subclasses.
 _OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer")
-_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler")
+_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler", "vgg_gluon.optim")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -252,7 +182,25 @@ class Checkpoint:
 
 
 def checkpoint_name(epoch: int, step: int = 0) -> str:
-    return f"epoch-{epoch:04d}" + (f"-step-{step:05d}" if step else "")
+    """The folder name of a checkpoint after `epoch` complete epochs and `step` batches of the next
+    one. A mid-epoch checkpoint is named after the epoch it is inside: stopped in epoch 3 after
+    step 20 -> epoch-0003-step-00020 (before 2026-12 the name said epoch-0002-step-00020; such
+    folders are still read, by the epoch count in their meta.json)."""
+    return f"epoch-{epoch:04d}" if not step else f"epoch-{epoch + 1:04d}-step-{step:05d}"
+
+
+def _checkpoint_at(path: Path, m: "re.Match") -> Checkpoint:
+    """A Checkpoint from a folder name matched by CKPT_RE: epochs done and steps into the next."""
+    number, step = int(m.group(1)), int(m.group(2) or 0)
+    if not step:
+        return Checkpoint(path, number, 0)
+    try:  # meta.json's epoch count tells the naming: the epoch in progress (now) or done (old)
+        done = json.loads((path / META).read_text(encoding="utf-8")).get("epoch")
+    except (OSError, ValueError):
+        done = None
+    if not isinstance(done, int) or done not in (number, number - 1):
+        done = number - 1
+    return Checkpoint(path, done, step)
 
 
 def read_json(path: Path) -> Dict[str, Any]:
@@ -306,7 +254,7 @@ def list_checkpoints(run_dir: Path) -> List[Checkpoint]:
     for p in Path(run_dir).iterdir() if Path(run_dir).is_dir() else ():
         m = CKPT_RE.match(p.name)
         if m and p.is_dir() and (p / MANIFEST).is_file():
-            out.append(Checkpoint(p, int(m.group(1)), int(m.group(2) or 0)))
+            out.append(_checkpoint_at(p, m))
     return sorted(out, key=lambda c: (c.epoch, c.step))
 
 
@@ -314,11 +262,15 @@ def read_pointer(run_dir: Path, which: str) -> Optional[Checkpoint]:
     path = Path(run_dir) / f"{which}.json"
     if not path.exists():
         return None
-    name = read_json(path).get("checkpoint")
+    pointer = read_json(path)
+    name = pointer.get("checkpoint")
     m = CKPT_RE.match(str(name or ""))
     if not m:
         raise CheckpointError(f"{path}: points to '{name}', not a checkpoint name")
-    return Checkpoint(Path(run_dir) / name, int(m.group(1)), int(m.group(2) or 0))
+    epoch, step = pointer.get("epoch"), pointer.get("step")
+    if isinstance(epoch, int) and isinstance(step, int) and step == int(m.group(2) or 0):
+        return Checkpoint(Path(run_dir) / name, epoch, step)   # the pointer says it
+    return _checkpoint_at(Path(run_dir) / name, m)
 
 
 LOCK = ".lock"
@@ -363,7 +315,7 @@ def cleanup_temp(run_dir: Path) -> int:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
-            _unlink_quietly(p)
+            unlink_quietly(p)
         n += 1
     if n:
         log.info("removed %d leftover temporary file(s) of an interrupted save in %s", n, run_dir)
@@ -411,8 +363,10 @@ def select_checkpoint(run_dir: Path, which: str = "last") -> Checkpoint:
 
 
 def _best_key(ckpt: Checkpoint) -> float:
+    """What training chose "best" on: validation accuracy when the run held some out, else test."""
     try:
-        return float(ckpt.meta().get("metrics", {}).get("test_acc", -1.0))
+        metrics = ckpt.meta().get("metrics", {})
+        return float(metrics.get("val_acc", metrics.get("test_acc", -1.0)))
     except CheckpointError:
         return -1.0
 
@@ -430,10 +384,8 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
     tmp.mkdir(parents=True)
     try:
         _save_params_checked(net, tmp / PARAMS)
-        _fault("after-params")
         trainer.save_states(str(tmp / STATES))
         fsync_file(tmp / STATES)
-        _fault("after-states")
         meta = dict(meta, format_version=FORMAT_VERSION, epoch=epoch, step=step,
                     saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         _write_fsync(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -441,7 +393,6 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
             assert name in OPTIONAL_FILES, name
             writer(tmp / name)
             fsync_file(tmp / name)
-        _fault("before-manifest")
         files = {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
                  for n in (PARAMS, STATES, META, *(extras or {}))}
         _write_fsync(tmp / MANIFEST, json.dumps({"format_version": FORMAT_VERSION, "files": files},
@@ -459,13 +410,13 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     ckpt = Checkpoint(final, epoch, step)
-    _fault("before-pointer")
     pointer = {"checkpoint": final.name, "epoch": epoch, "step": step,
                "test_acc": meta.get("metrics", {}).get("test_acc")}
+    if "val_acc" in meta.get("metrics", {}):
+        pointer["val_acc"] = meta["metrics"]["val_acc"]   # what "best" was chosen on
     atomic_write_text(run_dir / "last.json", json.dumps(pointer, indent=2) + "\n")
     if is_best:
         atomic_write_text(run_dir / "best.json", json.dumps(pointer, indent=2) + "\n")
-    _fault("after-pointer")
     apply_retention(run_dir, keep_last)
     return ckpt
 
@@ -490,8 +441,7 @@ def _save_params_checked(net, path: Path) -> None:
             free = None
         if free is not None and free < 2 * need + (1 << 20):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = next((ln for ln in reversed(lines) if not ln.startswith(("Traceback", "File "))), type(exc).__name__)
+        why = mxnet_error_reason(exc)
         raise CheckpointError(f"{path}: writing the weights failed ({why[:200]}); "
                               "the previous checkpoint is intact") from None
 

@@ -23,40 +23,70 @@ from vgg_gluon.config import (
     DTYPES,
     KVSTORES,
     OPTIMIZERS,
+    RECIPES,
     SCHEDULES,
     TTA_MODES,
     ConfigError,
     RunConfig,
+    SettingError,
 )
+from vgg_gluon.errors import EXIT_NONFINITE, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, UserError, mxnet_error_reason
 
 log = logging.getLogger("vgg_gluon")
 
-EXIT_NONFINITE = 3
-EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
-# Settings a recipe for a data set changes from RunConfig's defaults when no --config is given.
-DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "fashion-mnist": {},
-    "cifar10": {"augment_crop": 4, "augment_flip": True, "epochs": 15},
-}
 # Settings that may change when a run is resumed; the others define the run.
 RESUME_OVERRIDABLE = {"epochs", "ctx", "kvstore", "data_dir", "keep_last", "log_interval"}
 
 
 # ------------------------------------------------------------------------------------------------
 # errors: one line, non-zero exit, no traceback
-def _user_errors():
-    """Exception types that are the user's to fix, imported lazily (mxnet loads slowly)."""
-    from vgg_gluon.checkpoint import CheckpointError
-    from vgg_gluon.data import DataError
-    from vgg_gluon.runtime import RuntimeSetupError
-    types = [ConfigError, DataError, CheckpointError, RuntimeSetupError]
+class BadUsage(click.ClickException):
+    """Bad usage in one line (`Error: Invalid value for '--width': ...`), exit 2 like click's own checks."""
+    exit_code = EXIT_USAGE
+
+
+# Options whose name is not the setting's name with dashes.
+_OPTION_NAMES = {"run_name": "--name", "augment_crop": "--augment", "augment_flip": "--augment",
+                 "config_path": "--config"}
+
+
+def option_name(field: str) -> str:
+    """The command-line option of a RunConfig field: lr_steps -> --lr-steps, run_name -> --name."""
+    return _OPTION_NAMES.get(field, "--" + field.replace("_", "-"))
+
+
+def usage_error(exc: ConfigError, typed=()) -> click.ClickException:
+    """A problem with a value the user typed: exit 2, naming the option as typed."""
+    if not isinstance(exc, SettingError):
+        return BadUsage(str(exc))
+    if exc.field in typed or not typed:
+        return BadUsage(f"Invalid value for '{option_name(exc.field)}': {exc.detail}")
+    # A combination: the typed option made another setting invalid (--epochs 1 under warmup 3).
+    other = next(f for f in exc.fields if f in typed)
+    return BadUsage(f"Invalid value for '{option_name(other)}': {exc.field} {exc.detail}")
+
+
+def apply_flags(cfg: RunConfig, flags: Dict[str, Any], earlier: str = "the recipe") -> RunConfig:
+    """cfg < flags, validated. A problem with a typed value is bad usage (exit 2); one with a value
+    from a file (a recipe, a run's config) stays an input problem (exit 1) naming its source."""
+    if flags.get("data_dir") is not None and not Path(flags["data_dir"]).expanduser().is_dir():
+        # Never trained on another copy behind the user's back (Debian's, say) while config.yaml
+        # records the folder they named.
+        raise BadUsage(f"Invalid value for '--data-dir': {flags['data_dir']}: no such folder "
+                       "(create it first to download the data set into it)")
     try:
-        from vgg_gluon.foreign import ParamsError
-        types.append(ParamsError)
-    except ImportError:
-        pass
-    return tuple(types)
+        cfg.update(flags, "command line")
+    except ConfigError as exc:
+        raise usage_error(exc) from None
+    try:
+        return cfg.validate()
+    except ConfigError as exc:
+        if set(exc.fields) & set(flags):
+            raise usage_error(exc, set(flags)) from None
+        if isinstance(exc, SettingError) and exc.source is None:
+            exc.source = earlier
+        raise
 
 
 def friendly_errors(fn):
@@ -67,6 +97,17 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
+        except BrokenPipeError:
+            # `vgg-gluon evaluate RUN | head -2`: the reader has what it wanted. Later writes (and
+            # the flush at exit) go to /dev/null instead of failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        except SettingError as exc:
+            # A typed value, or a combination with one (--batch-size 1 --ctx cpu:0,1), is bad usage.
+            typed = set(_flag_settings(kwargs))
+            if exc.source == "command line" or set(exc.fields) & typed:
+                raise usage_error(exc, typed) from None
+            raise click.ClickException(str(exc)) from None
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:
@@ -83,7 +124,7 @@ def friendly_errors(fn):
             click.echo("Interrupted.", err=True)
             sys.exit(EXIT_SIGINT)
         except Exception as exc:
-            if isinstance(exc, _user_errors()):
+            if isinstance(exc, UserError):
                 raise click.ClickException(str(exc)) from None
             from vgg_gluon.runtime import explain_mxnet_error
             advice = explain_mxnet_error(exc)
@@ -91,10 +132,7 @@ def friendly_errors(fn):
                 raise click.ClickException(advice) from None
             if os.environ.get("VGG_GLUON_DEBUG"):
                 raise
-            # MXNet's messages start with "Traceback (most recent call last):" and C++ frames.
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            first = next((ln for ln in lines if not ln.startswith(("Traceback", "File ", "[bt]"))),
-                         type(exc).__name__)
+            first = mxnet_error_reason(exc)
             raise click.ClickException(f"unexpected {type(exc).__name__}: {first[:300]} "
                                        "(set VGG_GLUON_DEBUG=1 for the traceback)") from None
     return wrapper
@@ -200,6 +238,9 @@ run_options = _options(
     click.option("--log-interval", type=int, help="Steps between progress-bar updates (default 20)."),
     click.option("-q", "--quiet", is_flag=True,
                  help="No progress bar and no per-epoch lines (train.log still written)."),
+    click.option("--tensorboard", type=click.Path(file_okay=False),
+                 help="Write TensorBoard event files into DIR: scalars per step and epoch, the network graph, "
+                      "the mistakes grid (tensorboard --logdir DIR shows them)."),
     click.option("--log-json", type=click.Path(dir_okay=False, allow_dash=True),
                  help="Append one JSON object per epoch (and one at the end) to FILE; '-' = stdout, "
                       "the human lines then go to stderr."),
@@ -227,16 +268,20 @@ def _flag_settings(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def resolve_config(config_path: Optional[str], flags: Dict[str, Any]) -> RunConfig:
-    """defaults < data set recipe < --config YAML < flags."""
+    """defaults < the data set's recipe (config.RECIPES) < --config YAML < flags."""
     from vgg_gluon.config import load_yaml
     yaml_values = load_yaml(Path(config_path)) if config_path else {}
     dataset = str(flags.get("dataset") or yaml_values.get("dataset") or RunConfig.dataset).lower()
     cfg = RunConfig()
-    if dataset in DATASET_DEFAULTS:
-        cfg.update(DATASET_DEFAULTS[dataset], "recipe")
+    if dataset in RECIPES:
+        cfg.update(RECIPES[dataset], "recipe")
     cfg.update(yaml_values, config_path or "config")
-    cfg.update(flags, "command line")
-    return cfg.validate()
+    if "epochs" in flags and "warmup_epochs" not in flags and flags["epochs"] > 0 \
+            and cfg.warmup_epochs >= flags["epochs"]:
+        # A quick trial (`--epochs 1`) of a recipe with a longer warmup keeps the warmup's share of
+        # the run rather than refusing a setting the user never typed.
+        cfg.warmup_epochs = cfg.warmup_epochs * flags["epochs"] / cfg.epochs
+    return apply_flags(cfg, flags, earlier=config_path or f"the {dataset} recipe")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +298,11 @@ class Console:
         # without a train.log (e.g. a non-writing distributed rank) writes none.
         ctx = click.get_current_context(silent=True)
         self.json_path = ctx.params.get("log_json") if ctx is not None and log_path is not None else None
+        self.tb = None   # --tensorboard DIR: the same readings as TensorBoard scalars
+        tb_dir = ctx.params.get("tensorboard") if ctx is not None and log_path is not None else None
+        if tb_dir:
+            from vgg_gluon.tensorboard import TensorBoardLog
+            self.tb = TensorBoardLog(Path(tb_dir))
         self._epoch_t = time.time()  # wall time per epoch (training + evaluation + save) for the ETA
         self._epoch_walls: list = []
 
@@ -278,6 +328,8 @@ class Console:
         left = epochs - int(row["epoch"])
         eta = sum(self._epoch_walls) / len(self._epoch_walls) * left if left > 0 else 0.0
         self.line(epoch_line(row, epochs, is_best) + (f"  eta {_duration(eta)}" if left > 0 else ""))
+        if self.tb is not None:
+            self.tb.epoch(row)
         self.record("epoch", **row, epochs=epochs, best=bool(is_best), eta_seconds=round(eta, 1))
 
     def line(self, text: str, err: bool = False) -> None:
@@ -289,6 +341,8 @@ class Console:
             click.echo(text, err=err or self.json_path == "-")
 
     def progress(self, p) -> None:
+        if self.tb is not None:
+            self.tb.progress(p)
         if not self.use_bar:
             return
         if self.bar is None or self.bar.desc != f"epoch {p.epoch}":
@@ -375,6 +429,8 @@ def main(verbose: bool) -> None:
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s: %(message)s")
+    from vgg_gluon.testhooks import install_from_env
+    install_from_env()   # test-only seams, when their variables are set
 
 
 def _new_run_dir(cfg: RunConfig) -> Path:
@@ -399,10 +455,21 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def done_line(o: Dict[str, Any]) -> str:
+    """The last line of a finished run: every figure names its split."""
+    text = f"done: last epoch ({o['last_epoch']}) test accuracy {o['last_test_acc']:.4f}"
+    if o["best_epoch"] is None:
+        return text
+    if o["best_split"] == "val":
+        return text + (f"; best epoch {o['best_epoch']} by validation accuracy {o['best_acc']:.4f} "
+                       f"(test accuracy {o['best_test_acc']:.4f})")
+    return text + f"; best epoch {o['best_epoch']} by test accuracy {o['best_acc']:.4f} (chosen on the test set)"
+
+
 def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, partial=None,
              best_acc: float = -1.0) -> None:
     """Train, print, and exit with the code that says how it ended."""
-    from vgg_gluon import engine
+    from vgg_gluon import engine, report
     from vgg_gluon.runs import RunMarker
     from vgg_gluon.runtime import ctx_string
     cfg = session.cfg
@@ -417,8 +484,13 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
     ds = session.dataset
     console.line(f"run {run_dir}: {cfg.dataset} from {ds.source} ({len(ds.train.labels)} train / "
                  f"{len(ds.test.labels)} test), {cfg.arch} width {cfg.width:g}"
-                 f"{' +BN' if cfg.batch_norm else ''}, input {tuple(session.input_shape)}, "
+                 f"{' +BN' if cfg.batch_norm else ''} fc {session.net.fc_units}, input {tuple(session.input_shape)}, "
                  f"ctx {ctx_string(session.ctx_list)}, epochs {start_epoch + 1}..{cfg.epochs}")
+    if console.tb is not None:
+        console.tb.graph(session.net, session.input_shape)
+    if session.val_loader is None:
+        console.line("note: no --val-split, so the 'best' checkpoint is chosen on test accuracy (optimistic); "
+                     "the last epoch's test accuracy is the fair figure")
     console.record("start", run=str(run_dir), first_epoch=start_epoch + 1, epochs=cfg.epochs,
                    config=cfg.to_dict())
     # RunMarker: RUN/.running.json while training (`vgg-gluon runs` tells running from crashed)
@@ -428,24 +500,41 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                             should_stop=dist.stop_checker(stop) if dist else stop,
                             is_writer=dist is None or dist.is_writer)
     console.close_bar()
-    console.record("end", status=result.status, epoch=result.epoch, best_acc=result.best_acc)
+    if console.tb is not None:
+        console.tb.writer.flush()   # a stopped run exits below; what it logged is on disk
+    outcome = report.best_summary(session.history if session.history else rows)
+    console.record("end", status=result.status, epoch=result.epoch, **outcome)
     if dist is not None:
         from vgg_gluon import distributed
-        dist.dump_for_tests(session.net, rows)
         distributed.note_outcome(result.status, session)
     if result.status == "finished":
         if dist is None or dist.is_writer:
             from vgg_gluon.inspection import report_after_training_safely
             report_after_training_safely(session, run_dir, console.line)  # never raises
-        console.line(f"done: best test accuracy {result.best_acc:.4f}; evaluate with "
-                     f"`vgg-gluon evaluate {run_dir}`")
+            if console.tb is not None and (run_dir / "mistakes.png").is_file():
+                console.tb.image("mistakes", run_dir / "mistakes.png", result.epoch)
+        if console.tb is not None:
+            console.tb.close()
+        console.line(done_line(outcome) + f"; evaluate with `vgg-gluon evaluate {run_dir}`")
         return
     if result.status == "nonfinite":
         console.line(f"Error: {result.message}; last good checkpoint kept in {run_dir}", err=True)
         sys.exit(EXIT_NONFINITE)
-    where = result.checkpoint.path if result.checkpoint else run_dir
-    console.line(f"{result.message}; checkpoint {where}. Continue with `vgg-gluon resume {run_dir}`", err=True)
+    if dist is None or dist.is_writer:   # rank 0 wrote the checkpoint and says where it is
+        where = result.checkpoint.path if result.checkpoint else run_dir
+        console.line(f"{result.message}; checkpoint {where}. {resume_hint(run_dir, dist)}", err=True)
     sys.exit(EXIT_SIGTERM if stop.signum == signal.SIGTERM else EXIT_SIGINT)
+
+
+def resume_hint(run_dir: Path, dist=None) -> str:
+    """The command that continues a stopped run: a distributed one goes back through the launcher
+    (a bare `resume` of a dist_* run has no parameter server to join)."""
+    if dist is None:
+        return f"Continue with `vgg-gluon resume {run_dir}`"
+    servers = os.environ.get("DMLC_NUM_SERVER", "1")
+    launch = f"vgg-gluon launch -n {dist.num_workers}" + (f" -s {servers}" if servers != "1" else "")
+    return (f"Continue with `{launch} -- resume {run_dir}` "
+            f"(or in one process: `vgg-gluon resume {run_dir} --kvstore device`)")
 
 
 @main.command()
@@ -519,7 +608,7 @@ def resume(run, params_path, start_epoch, config_path, quiet, **kwargs):
     if params_path:
         if not Path(params_path).is_file():
             raise click.ClickException(f"{params_path}: no such file")
-        cfg = resolve_config(config_path, _infer_from_params(params_path, flags))
+        cfg = resolve_config(config_path, _infer_from_params(params_path, flags, say=True))
         if start_epoch >= cfg.epochs:
             raise ConfigError(f"--start-epoch {start_epoch} leaves nothing to train with --epochs {cfg.epochs}")
         session = engine.build_session(cfg, params_source=Path(params_path))
@@ -554,7 +643,7 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
     ck.cleanup_temp(run_dir)
     if _never_checkpointed(run_dir):
         # Stopped (e.g. killed) inside epoch 1: nothing to load, but the run's settings are known.
-        cfg = RunConfig.from_yaml(run_dir / "config.yaml").update(flags, "command line").validate()
+        cfg = apply_flags(RunConfig.from_yaml(run_dir / "config.yaml"), flags, f"{run_dir}/config.yaml")
         session = engine.build_session(cfg)
         console = Console(quiet, run_dir / "train.log")
         console.line(f"{run_dir} has no checkpoint yet (it stopped inside epoch 1): starting it again "
@@ -563,7 +652,7 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
         return
     c = ck.select_checkpoint(run_dir, "last")
     meta = c.meta()
-    cfg = RunConfig.from_dict(meta["config"], f"{c.path}/meta.json").update(flags, "command line").validate()
+    cfg = apply_flags(RunConfig.from_dict(meta["config"], f"{c.path}/meta.json"), flags, f"{c.path}/meta.json")
     done = c.epoch
     if done >= cfg.epochs and not c.step:
         _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
@@ -578,8 +667,9 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
     if isinstance(want, int) and got != want:
         raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "
                                  f"saved at update {want} (a .states file from another checkpoint?)")
-    if cfg.epochs != meta["config"]["epochs"] and (session.dist is None or session.dist.sync):
-        # More (or fewer) epochs: the schedule is rebuilt for the new length at the same update count.
+    if session.dist is None or session.dist.sync:
+        # The schedule is always rebuilt from the settings at the same update count: for a new
+        # --epochs, and so that a schedule pickled by an older version is not trusted.
         # (dist_async: distributed.load_trainer_states already gave the servers the new schedule.)
         session.trainer._optimizer.lr_scheduler = engine.make_lr_scheduler(cfg, len(session.train_loader))
     session.history = _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
@@ -625,14 +715,36 @@ def _recover_history(run_dir: Path, rows, done: int):
     return rows
 
 
-def _infer_from_params(params_path: str, flags: Dict[str, Any]) -> Dict[str, Any]:
-    """Fill width / BatchNorm / FC units the user did not give from the file's tensor shapes."""
-    try:
-        from vgg_gluon.foreign import infer_architecture
-    except ImportError:
-        return flags
+def _infer_from_params(params_path: str, flags: Dict[str, Any], say: bool = False) -> Dict[str, Any]:
+    """Fill width / BatchNorm / FC units the user did not give from the file's tensor shapes; with
+    `say`, one line on stderr names what was read from the file."""
+    from vgg_gluon.foreign import infer_architecture
     inferred = infer_architecture(Path(params_path))
-    return {**{k: v for k, v in inferred.items() if k in ("width", "batch_norm", "fc_units")}, **flags}
+    used = {k: v for k, v in inferred.items() if k in ("width", "batch_norm", "fc_units") and k not in flags}
+    if say and used:
+        words = {"width": lambda v: f"width {v:g}", "batch_norm": lambda v: "BatchNorm" if v else "no BatchNorm",
+                 "fc_units": lambda v: f"fc {v}"}
+        click.echo(f"{params_path}: inferred " + ", ".join(words[k](v) for k, v in used.items())
+                   + " from the file's shapes", err=True)
+    return {**used, **flags}
+
+
+# evaluate: the data and model options that make sense for a bare .params file
+eval_data_options = _options(
+    click.option("--dataset", type=_choice(DATASETS), help="With --params: the data set (default: fashion-mnist)."),
+    click.option("--data-dir", type=click.Path(file_okay=False),
+                 help="Where data sets are looked for (default: $VGG_GLUON_DATA_DIR or ./data)."),
+    click.option("--image-size", type=click.IntRange(min=32), help="With --params: input size (default native 32)."),
+    click.option("--test-limit", type=click.IntRange(min=1), help="Evaluate only the first N test images."),
+)
+eval_model_options = _options(
+    click.option("--arch", type=_choice(ARCHS), help="With --params: VGG configuration (inferred from the file)."),
+    click.option("--width", type=float, help="With --params: channel width multiplier (inferred from the file)."),
+    click.option("--batch-norm/--no-batch-norm", default=None, help="With --params: BatchNorm (inferred)."),
+    click.option("--fc-units", type=int, help="With --params: hidden dense units (inferred from the file)."),
+)
+# What `evaluate RUN` may change; everything else is the run's own setting.
+EVALUATE_RUN_OVERRIDABLE = {"data_dir", "ctx", "batch_size", "test_limit"}
 
 
 @main.command()
@@ -640,10 +752,10 @@ def _infer_from_params(params_path: str, flags: Dict[str, Any]) -> Dict[str, Any
 @click.option("--which", type=_choice(["best", "last"]), default="best", show_default=True,
               help="Which checkpoint of the run.")
 @click.option("--params", "params_path", type=click.Path(dir_okay=False),
-              help="Evaluate a bare .params file (give --dataset and the architecture flags).")
-@data_options
-@model_options
-@click.option("--batch-size", type=int, help="Evaluation batch size (default 256).")
+              help="Evaluate a bare .params file (give --dataset; the architecture is read from the file).")
+@eval_data_options
+@eval_model_options
+@click.option("--batch-size", type=click.IntRange(min=1), help="Evaluation batch size (default 256).")
 @click.option("--ctx", help="auto, cpu, gpu, gpu:0,1 or cpu:0,1.")
 @click.option("--tta", type=_choice(TTA_MODES), default=None,
               help="Test-time augmentation: none, flip (image + mirror), flip-translate (also shifted 1 px; "
@@ -651,7 +763,8 @@ def _infer_from_params(params_path: str, flags: Dict[str, Any]) -> Dict[str, Any
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @friendly_errors
 def evaluate(run, which, params_path, as_json, tta, **kwargs):
-    """Accuracy, loss, per-class accuracy and confusion matrix on the test set.
+    """Accuracy (top-1, top-5), loss, per-class accuracy and confusion matrix on the test set
+    (with test-time augmentation if --tta or the run's --eval-tta asks for it).
 
     \b
     Examples:
@@ -660,40 +773,63 @@ def evaluate(run, which, params_path, as_json, tta, **kwargs):
       vgg-gluon evaluate --params TinyVGG11.params --dataset cifar10 --arch vgg11
     """
     from vgg_gluon import checkpoint as ck
+    from vgg_gluon import data as data_mod
     from vgg_gluon import engine
     flags = _flag_settings(kwargs)
     if bool(run) == bool(params_path):
         raise click.UsageError("give either a run folder or --params FILE")
+    dataset = None
     if run:
+        refused = sorted(set(flags) - EVALUATE_RUN_OVERRIDABLE)
+        if refused:
+            raise BadUsage(f"{option_name(refused[0])} applies to --params FILE: a run folder is evaluated with "
+                           f"its own settings (allowed with a run: "
+                           f"{', '.join(option_name(k) for k in sorted(EVALUATE_RUN_OVERRIDABLE))})")
         c = ck.select_checkpoint(Path(run), which.lower())
         meta = c.meta()
-        keep = {k: v for k, v in flags.items() if k in ("data_dir", "ctx", "batch_size", "test_limit")}
-        cfg = RunConfig.from_dict(meta["config"], f"{c.path}/meta.json").update(keep).validate()
+        cfg = apply_flags(RunConfig.from_dict(meta["config"], f"{c.path}/meta.json"), flags, f"{c.path}/meta.json")
+        prep = meta.get("preprocessing") or {}
+        if prep.get("mean") and prep.get("std") and not cfg.val_split:
+            # The run's own normalization: the training split need not be read at all.
+            dataset = data_mod.load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None,
+                                            test_limit=cfg.test_limit, stats=(prep["mean"], prep["std"]))
         source, epoch = c, c.epoch
     else:
         if not Path(params_path).is_file():
             raise click.ClickException(f"{params_path}: no such file")
-        cfg = resolve_config(None, _infer_from_params(params_path, flags))
+        cfg = resolve_config(None, _infer_from_params(params_path, flags, say=True))
         source, epoch = Path(params_path), None
-    session = engine.build_session(cfg, train=False, params_source=source)
+    session = engine.build_session(cfg, train=False, params_source=source, dataset=dataset,
+                                   eval_batch_size=flags.get("batch_size", 256))
+    if params_path:
+        click.echo(session.foreign_report.message, err=True)
     tta = (tta or cfg.eval_tta).lower()
     result = engine.evaluate(session.net, session.eval_loader, session.num_classes, tta=tta)
-    classes = list(session.dataset.classes)
-    out = {"source": str(source.path if hasattr(source, "path") else source), "epoch": epoch,
-           "dataset": cfg.dataset, "arch": cfg.arch, "tta": tta, "accuracy": result["acc"], "loss": result["loss"],
-           "samples": result["samples"], "img_per_s": result["img_per_s"], "classes": classes,
-           "per_class_accuracy": dict(zip(classes, result["per_class_acc"])), "confusion": result["confusion"]}
+    print_evaluation(source, epoch, cfg, result, list(session.dataset.classes), as_json)
+
+
+def print_evaluation(source, epoch, cfg: RunConfig, result: Dict[str, Any], classes, as_json: bool) -> None:
+    """The evaluate command's table or JSON object."""
+    counts = [int(sum(row)) for row in result["confusion"]]
+    out = {"source": str(source.path if hasattr(source, "path") else source), "epoch": epoch, "split": "test",
+           "dataset": cfg.dataset, "arch": cfg.arch, "tta": result.get("tta", "none"),
+           "accuracy": result["acc"], "top5_accuracy": result["top5_acc"],
+           "top_k": result["top_k"], "loss": result["loss"], "samples": result["samples"],
+           "img_per_s": result["img_per_s"], "classes": classes,
+           "per_class_accuracy": dict(zip(classes, result["per_class_acc"])),
+           "per_class_count": dict(zip(classes, counts)), "confusion": result["confusion"]}
     if as_json:
         click.echo(json.dumps(out))
         return
     click.echo(f"{out['source']}" + (f" (epoch {epoch})" if epoch is not None else ""))
+    tta = out["tta"]
     click.echo(f"{cfg.dataset} test ({'no TTA' if tta == 'none' else 'TTA ' + tta}): accuracy {result['acc']:.4f}  "
-               f"loss {result['loss']:.4f}  "
-               f"{result['samples']} images  {result['img_per_s']:,.0f} img/s")
+               f"top-{result['top_k']} {result['top5_acc']:.4f}  "
+               f"loss {result['loss']:.4f}  {result['samples']} images  {result['img_per_s']:,.0f} img/s")
     click.echo("\nper-class accuracy:")
     width = max(len(c) for c in classes)
-    for name, acc in zip(classes, result["per_class_acc"]):
-        click.echo(f"  {name:<{width}}  {acc:.4f}")
+    for name, acc, n in zip(classes, result["per_class_acc"], counts):
+        click.echo(f"  {name:<{width}}  {acc:.4f}  ({n} images)")
     click.echo("\nconfusion matrix (rows: true class, columns: predicted):")
     click.echo("  " + " " * width + "".join(f"{i:>6}" for i in range(len(classes))))
     for i, (name, row) in enumerate(zip(classes, result["confusion"])):

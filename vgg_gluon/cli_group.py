@@ -18,3 +18,19 @@ class SuggestingGroup(click.Group):
                 hint = " or ".join(f"'{m}'" for m in matches)
                 ctx.fail(f"No such command '{name}'. Did you mean {hint}?")
         return super().resolve_command(ctx, args)
+
+
+class HintingCommand(click.Command):
+    """`vgg-gluon evaluate RUN -v` -> says that -v/--verbose belongs before the command."""
+
+    def parse_args(self, ctx: click.Context, args):
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            if exc.option_name in ("-v", "--verbose"):
+                exc.message = (f"No such option: {exc.option_name} here: it goes before the command, "
+                               f"as in `vgg-gluon -v {ctx.info_name} ...`")
+            raise
+
+
+SuggestingGroup.command_class = HintingCommand

@@ -33,6 +33,8 @@ def _run_arg(required: bool = True):
     return click.argument("run", required=required, type=click.Path(file_okay=False))
 
 
+_ctx = click.option("--ctx", default="cpu", show_default=True,
+                    help="Device to run the network on: cpu, gpu, gpu:1 (the first of a list is used).")
 _which = click.option("--which", type=_choice(["best", "last"]), default="best", show_default=True,
                       help="Which checkpoint of the run.")
 
@@ -95,9 +97,10 @@ def summary(run, config_path, channels, num_classes, layers, as_json, **kwargs):
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, show_default=True,
               help="How many classes to list per image.")
 @_which
+@_ctx
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (errors are listed in it too).")
 @_inspect_errors
-def predict(run, images, top_k, which, as_json):
+def predict(run, images, top_k, which, ctx, as_json):
     """Classify image files (PNG/JPEG, any size or mode) or folders of them with a trained run.
 
     Each image is converted exactly like the run's training data: grayscale and resized to 28 px,
@@ -115,7 +118,7 @@ def predict(run, images, top_k, which, as_json):
     paths = expand_inputs(images)
     if not paths:
         raise click.ClickException("no image files found in " + ", ".join(images))
-    model = load_run_model(Path(run), which.lower())
+    model = load_run_model(Path(run), which.lower(), ctx)
     preds, errors = predict_files(model, paths, top_k)
     for e in errors:
         click.echo(f"Error: {e}", err=True)
@@ -135,8 +138,10 @@ def predict(run, images, top_k, which, as_json):
 @_run_arg()
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @_which
+@_ctx
+@click.option("--force", is_flag=True, help="Replace an export already in OUT_DIR.")
 @_inspect_errors
-def export(run, out_dir, which):
+def export(run, out_dir, which, ctx, force):
     """Write the run's network for serving without vgg-gluon: symbol JSON + params
     (HybridBlock.export), preprocessing.json (mean, std, size, channels, padding, class names)
     and serve_example.py (mxnet + Pillow only).
@@ -149,9 +154,15 @@ def export(run, out_dir, which):
       vgg-gluon export checkpoints/<run> exported/ --which last
       python exported/serve_example.py shoe.png
     """
+    from vgg_gluon.inspection import EXPORT_PREFIX, load_run_model
     from vgg_gluon.inspection import export as do_export
-    from vgg_gluon.inspection import load_run_model
-    model = load_run_model(Path(run), which.lower())
+    existing = sorted(p.name for p in Path(out_dir).glob("*") if p.name.startswith(EXPORT_PREFIX + "-")
+                      or p.name in ("preprocessing.json", "serve_example.py", "vgg_image.py")) \
+        if Path(out_dir).is_dir() else []
+    if existing and not force:
+        raise click.ClickException(f"{out_dir} already holds an export ({', '.join(existing)}): pass --force to "
+                                   "replace it, or choose another folder")
+    model = load_run_model(Path(run), which.lower(), ctx)
     files = do_export(model, Path(out_dir))
     click.echo(f"exported {model.checkpoint.path} (epoch {model.checkpoint.epoch}) to {out_dir}:")
     for f in files.values():
@@ -164,8 +175,9 @@ def export(run, out_dir, which):
 @_which
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the data set is (default as in training).")
 @click.option("--test-limit", type=click.IntRange(min=1), help="Use only the first N test images.")
+@_ctx
 @_inspect_errors
-def report(run, which, data_dir, test_limit):
+def report(run, which, data_dir, test_limit, ctx):
     """Write curves.png, confusion.png, mistakes.png and report.md (with the per-class table) into
     the run folder. Training writes them at the end of a finished run too.
 
@@ -175,7 +187,7 @@ def report(run, which, data_dir, test_limit):
       vgg-gluon report checkpoints/<run> --which last --test-limit 1000
     """
     from vgg_gluon.inspection import report_for_run
-    files = report_for_run(Path(run), which.lower(), data_dir=data_dir, test_limit=test_limit)
+    files = report_for_run(Path(run), which.lower(), data_dir=data_dir, test_limit=test_limit, ctx=ctx)
     for f in files.values():
         click.echo(str(f))
 
@@ -196,6 +208,8 @@ def runs(parent, as_json):
       vgg-gluon runs --dir /data/checkpoints --json
     """
     from vgg_gluon.runs import format_runs, list_runs
+    if parent is not None and not Path(parent).is_dir():
+        raise click.ClickException(f"{parent}: no such folder")
     parent = Path(parent or RunConfig.output_dir)
     rows = list_runs(parent)
     if as_json:

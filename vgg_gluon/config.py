@@ -9,9 +9,11 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
+
+from vgg_gluon.errors import UserError
 
 DATASETS = ("fashion-mnist", "cifar10")
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "fast3", "fast3s")  # = models.VGG_SPECS (a test checks)
@@ -23,8 +25,36 @@ KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
 DTYPES = ("float32", "float16")
 
 
-class ConfigError(ValueError):
-    """A one-line, user-facing problem with a setting."""
+# The data sets' default recipes: what a run of that data set changes from RunConfig's defaults,
+# whether it is started with bare flags (`vgg-gluon train --dataset cifar10`), the Makefile or
+# experiments/<dataset>.yaml (which spells the same values out; a test keeps them equal).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "fashion-mnist": {"epochs": 8, "lr": 0.1, "warmup_epochs": 0.5},
+    "cifar10": {"epochs": 15, "lr": 0.1, "warmup_epochs": 1.0, "augment_crop": 4, "augment_flip": True},
+}
+
+
+class ConfigError(UserError, ValueError):
+    """A one-line, user-facing problem with a setting.
+
+    `fields` names the settings the problem is about, so the command line can name the option the
+    user typed (`--width`) and treat it as bad usage, and a recipe file can name its key."""
+
+    def __init__(self, message: str, fields: Sequence[str] = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)
+
+
+class SettingError(ConfigError):
+    """A bad value of one setting: `detail` says what is wrong with it ("must be positive, got 0")."""
+
+    def __init__(self, field: str, detail: str, others: Sequence[str] = ()):
+        super().__init__(f"{field} {detail}", (field, *others))
+        self.field, self.detail = field, detail
+        self.source: Optional[str] = None   # a file or "recipe" the value came from, when known
+
+    def __str__(self) -> str:
+        return (f"{self.source}: " if self.source else "") + f"{self.field} {self.detail}"
 
 
 @dataclass
@@ -103,7 +133,11 @@ class RunConfig:
                 raise ConfigError(f"{source}: unknown setting '{key}'"
                                   + (f" (did you mean '{hint[0]}'?)" if hint else ""))
             if value is not None:
-                setattr(self, key, _coerce(key, value, source))
+                try:
+                    setattr(self, key, _coerce(key, value))
+                except SettingError as exc:
+                    exc.source = source
+                    raise
         return self
 
     @classmethod
@@ -132,56 +166,49 @@ class RunConfig:
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("eval_tta", self.eval_tta, TTA_MODES)
         if self.lookahead and self.kvstore == "dist_async":
-            raise ConfigError("--lookahead needs one set of weights per step: not with --kvstore dist_async")
+            raise SettingError("lookahead", "needs one set of weights per step: not with kvstore dist_async",
+                               ("kvstore",))
         if self.alternate_flip and not self.augment_flip:
-            raise ConfigError("--alternate-flip changes how images are flipped: use it with flip augmentation on")
+            raise SettingError("alternate_flip", "changes how images are flipped: use it with augment_flip",
+                               ("augment_flip",))
         if self.whiten and self.arch in ("vgg11", "vgg13", "vgg16", "vgg19"):
-            raise ConfigError(f"--whiten initializes a patch stem, which {self.arch} has not: use --arch fast3")
-        if not 0.0 <= self.bn_momentum < 1.0:
-            raise ConfigError(f"bn_momentum must be in [0, 1), got {self.bn_momentum}")
-        if not 0.0 <= self.lookahead_decay < 1.0:
-            raise ConfigError(f"lookahead_decay must be in [0, 1), got {self.lookahead_decay}")
-        if not 0.0 <= self.lookahead_start < 1.0:
-            raise ConfigError(f"lookahead_start must be in [0, 1), got {self.lookahead_start}")
+            raise SettingError("whiten", f"initializes a patch stem, which {self.arch} has not: use arch fast3 "
+                               "or fast3s", ("arch",))
+        for name in ("bn_momentum", "lookahead_decay", "lookahead_start"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
         _positive("lookahead_every", self.lookahead_every)
         _positive("bias_lr_mult", self.bias_lr_mult)
         if self.lr_base_batch is not None:
             _positive("lr_base_batch", self.lr_base_batch)
         if self.amp and self.dtype != "float32":
-            raise ConfigError("--amp keeps float32 weights and casts per operator: use it with --dtype float32")
-        _positive("epochs", self.epochs)
-        _positive("batch_size", self.batch_size)
-        _positive("lr", self.lr)
-        _positive("width", self.width)
-        _positive("keep_last", self.keep_last)
-        _positive("log_interval", self.log_interval)
-        if self.fc_units is not None:
-            _positive("fc_units", self.fc_units)
-        for name in ("train_limit", "test_limit"):
+            raise SettingError("amp", "keeps float32 weights and casts per operator: use it with dtype float32",
+                               ("dtype",))
+        for name in ("epochs", "batch_size", "lr", "width", "keep_last", "log_interval"):
+            _positive(name, getattr(self, name))
+        for name in ("fc_units", "train_limit", "test_limit"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         if self.image_size is not None and self.image_size < 32:
-            raise ConfigError(f"image_size must be at least 32 (five 2x2 poolings), got {self.image_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.val_split < 1.0:
-            raise ConfigError(f"val_split must be in [0, 1), got {self.val_split}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise SettingError("image_size", f"must be at least 32 (five 2x2 poolings), got {self.image_size}")
+        for name in ("dropout", "val_split", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
         for name in ("momentum", "wd", "warmup_epochs", "augment_crop", "augment_cutout"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise SettingError(name, f"must not be negative, got {getattr(self, name)}")
         if self.momentum >= 1:
-            raise ConfigError(f"momentum must be below 1, got {self.momentum}")
+            raise SettingError("momentum", f"must be below 1, got {self.momentum}")
         if self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+            raise SettingError("warmup_epochs", f"must be less than epochs ({self.epochs}), got {self.warmup_epochs}",
+                               ("epochs",))
         if not 0 < self.lr_factor <= 1:
-            raise ConfigError(f"lr_factor must be in (0, 1], got {self.lr_factor}")
+            raise SettingError("lr_factor", f"must be in (0, 1], got {self.lr_factor}")
         if sorted(self.lr_steps) != list(self.lr_steps) or any(s <= 0 for s in self.lr_steps):
-            raise ConfigError(f"lr_steps must be increasing positive epochs, got {self.lr_steps}")
+            raise SettingError("lr_steps", f"must be increasing positive epochs, got {self.lr_steps}")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name
                                           or self.run_name in (".", "..")):
-            raise ConfigError(f"run name '{self.run_name}' must be a plain folder name")
+            raise SettingError("run_name", f"'{self.run_name}' must be a plain folder name")
         return self
 
 
@@ -190,7 +217,7 @@ _OPTIONAL_TYPES = {"data_dir": str, "image_size": int, "train_limit": int, "test
                    "fc_units": int, "run_name": str, "lr_base_batch": int}
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
+def _coerce(key: str, value: Any) -> Any:
     default = getattr(RunConfig(), key)
     kind = _OPTIONAL_TYPES.get(key) or type(default)
     try:
@@ -221,19 +248,22 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             return float(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {value!r}") from None
+        what = {bool: "true or false", list: "a comma-separated list of whole epochs (e.g. 15,25)",
+                int: "a whole number", float: "a number"}.get(kind, "text")
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        raise SettingError(key, f"must be {what}, got {shown!r}") from None
 
 
 def _choice(name: str, value: str, choices) -> None:
     if value not in choices:
         hint = difflib.get_close_matches(str(value), choices, n=1)
-        raise ConfigError(f"unknown {name} '{value}': choose from {', '.join(choices)}"
-                          + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        raise SettingError(name, f"'{value}' is not one of {', '.join(choices)}"
+                           + (f" (did you mean '{hint[0]}'?)" if hint else ""))
 
 
 def _positive(name: str, value) -> None:
     if value is None or value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
+        raise SettingError(name, f"must be positive, got {value}")
 
 
 def load_yaml(path: Path) -> Dict[str, Any]:

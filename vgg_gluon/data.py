@@ -35,6 +35,10 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from vgg_gluon.errors import UserError
+from vgg_gluon.fsutil import atomic_savez, atomic_write_text
+from vgg_gluon.imagefile import IMAGE_EXTENSIONS
+
 if TYPE_CHECKING:  # pragma: no cover - hints only
     import mxnet as mx
 
@@ -85,13 +89,12 @@ _FASHION_FILES: Dict[str, _IdxFile] = {
                             "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10000),
 }
 
-_IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 _CACHE_NAME = "decoded-cache.npz"
 _CACHE_VERSION = 1
 _ARCHIVE_MARKER = ".from-archive.json"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """One-line, user-facing message that says what is wrong and how to get the data."""
 
 
@@ -158,14 +161,6 @@ def input_shape(name: str, image_size: Optional[int]) -> Tuple[int, int, int]:
 
 # --------------------------------------------------------------------------------------------
 # Downloads and archives
-
-
-def _hash_file(path: Path, algo: str) -> str:
-    h = hashlib.new(algo)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, md5: Optional[str] = None, sha256: Optional[str] = None,
@@ -353,7 +348,8 @@ def _find_fashion_files(folder: Path) -> Optional[Dict[str, Path]]:
     return None
 
 
-def _load_fashion_mnist(data_dir: Path, download_ok: bool) -> Tuple[Split, Split, List[str], str]:
+def _load_fashion_mnist(data_dir: Path, download_ok: bool, need_train: bool = True
+                        ) -> Tuple[Split, Split, List[str], str]:
     own = data_dir / "fashion-mnist"
     files = None
     for folder in (own, data_dir, SYSTEM_FASHION_MNIST_DIR):
@@ -377,9 +373,10 @@ def _load_fashion_mnist(data_dir: Path, download_ok: bool) -> Tuple[Split, Split
         hint = "reinstall it with `apt-get install --reinstall dataset-fashion-mnist`"
     else:
         hint = "delete it and run again (it will be downloaded) or replace it"
-    arrays = {k: _read_idx(p, 3 if k.endswith("images") else 1, hint) for k, p in files.items()}
-    splits = []
-    for split in ("train", "test"):
+    arrays = {k: _read_idx(p, 3 if k.endswith("images") else 1, hint) for k, p in files.items()
+              if need_train or k.startswith("test")}
+    splits = [] if need_train else [_empty_split(28, 1)]
+    for split in ("train", "test") if need_train else ("test",):
         images, labels = arrays[split + "-images"], arrays[split + "-labels"]
         if images.shape[0] != labels.shape[0]:
             raise DataError(f"{files[split + '-images']} has {images.shape[0]} images but "
@@ -412,7 +409,12 @@ def _read_cifar_batch(path: Path, num_classes: int) -> Split:
     return Split(images, labels)
 
 
-def _load_cifar_binary(folder: Path) -> Tuple[Split, Split, List[str]]:
+def _empty_split(size: int, channels: int) -> Split:
+    """A split with no images, for commands that need only the test split."""
+    return Split(np.zeros((0, size, size, channels), np.uint8), np.zeros(0, np.int32))
+
+
+def _load_cifar_binary(folder: Path, need_train: bool = True) -> Tuple[Split, Split, List[str]]:
     meta = folder / "batches.meta.txt"
     classes = list(CIFAR10_CLASSES)
     if meta.is_file():
@@ -424,8 +426,11 @@ def _load_cifar_binary(folder: Path) -> Tuple[Split, Split, List[str]]:
     if missing:
         raise DataError(f"{folder} lacks {', '.join(missing)}: delete it and run again, or run "
                         f"`vgg-gluon data cifar10 --from-archive PATH`")
-    parts = [_read_cifar_batch(folder / n, len(classes)) for n in names]
-    train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+    if need_train:
+        parts = [_read_cifar_batch(folder / n, len(classes)) for n in names]
+        train = Split(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+    else:
+        train = _empty_split(32, 3)
     test = _read_cifar_batch(folder / "test_batch.bin", len(classes))
     return train, test, classes
 
@@ -459,7 +464,7 @@ def _list_image_folder(root: Path) -> Tuple[List[str], Dict[str, List[Tuple[str,
                                 f"train and test must have the same class folders")
             files = []
             for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
-                if f.name.startswith(".") or Path(f.name).suffix.lower() not in _IMAGE_EXTENSIONS:
+                if f.name.startswith(".") or Path(f.name).suffix.lower() not in IMAGE_EXTENSIONS:
                     continue
                 st = f.stat()
                 rel = f"{split}/{entry.name}/{f.name}"
@@ -496,7 +501,7 @@ def _decode_images(root: Path, rels: Sequence[str], size: int = 32) -> np.ndarra
     return out
 
 
-def _load_image_folder(root: Path) -> Tuple[Split, Split, List[str], str]:
+def _load_image_folder(root: Path, need_train: bool = True) -> Tuple[Split, Split, List[str], str]:
     """Read root/{train,test}/<class>/*, through a decoded .npz cache keyed by a fingerprint
     of the file list (names, sizes, mtimes), so decoding happens once per change of the folder."""
     classes, items, fingerprint = _list_image_folder(root)
@@ -506,8 +511,8 @@ def _load_image_folder(root: Path) -> Tuple[Split, Split, List[str], str]:
             with np.load(cache, allow_pickle=False) as z:
                 if str(z["fingerprint"]) == fingerprint:
                     log.info("using decoded cache %s", cache)
-                    return (Split(z["train_images"], z["train_labels"]),
-                            Split(z["test_images"], z["test_labels"]), [str(c) for c in z["classes"]],
+                    train = Split(z["train_images"], z["train_labels"]) if need_train else _empty_split(32, 3)
+                    return (train, Split(z["test_images"], z["test_labels"]), [str(c) for c in z["classes"]],
                             str(root))
                 log.info("%s is stale (the image folder changed); decoding again", cache)
         except (OSError, KeyError, ValueError, zlib.error, EOFError) as exc:
@@ -521,26 +526,12 @@ def _load_image_folder(root: Path) -> Tuple[Split, Split, List[str], str]:
     log.info("decoded %d images under %s in %.1f s", sum(len(s) for s in splits.values()), root,
              time.perf_counter() - t0)
     try:
-        _atomic_savez(cache, fingerprint=np.array(fingerprint), classes=np.array(classes),
+        atomic_savez(cache, fingerprint=np.array(fingerprint), classes=np.array(classes),
                       train_images=splits["train"].images, train_labels=splits["train"].labels,
                       test_images=splits["test"].images, test_labels=splits["test"].labels)
     except OSError as exc:  # a read-only data folder still works, only slower next time
         log.warning("cannot write decoded cache %s (%s)", cache, exc)
     return splits["train"], splits["test"], classes, str(root)
-
-
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez (uncompressed: loads at disk speed) via temp file + fsync + os.replace."""
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _find_cifar10(data_dir: Path) -> Optional[Tuple[str, Path]]:
@@ -567,7 +558,8 @@ def _download_cifar10(data_dir: Path) -> None:
     tar_path.unlink()  # the extracted batches are all we read; 160 MB less on disk
 
 
-def _load_cifar10(data_dir: Path, download_ok: bool) -> Tuple[Split, Split, List[str], str]:
+def _load_cifar10(data_dir: Path, download_ok: bool, need_train: bool = True
+                  ) -> Tuple[Split, Split, List[str], str]:
     found = _find_cifar10(data_dir)
     if found is None:
         if not download_ok:
@@ -581,9 +573,9 @@ def _load_cifar10(data_dir: Path, download_ok: bool) -> Tuple[Split, Split, List
             raise DataError(f"the downloaded CIFAR-10 archive did not contain {CIFAR10_BINARY_DIR}/")
     kind, path = found
     if kind == "binary":
-        train, test, classes = _load_cifar_binary(path)
+        train, test, classes = _load_cifar_binary(path, need_train)
         return train, test, classes, str(path)
-    return _load_image_folder(path)
+    return _load_image_folder(path, need_train)
 
 
 # --------------------------------------------------------------------------------------------
@@ -615,12 +607,15 @@ def _channel_stats(images: np.ndarray) -> Tuple[Tuple[float, ...], Tuple[float, 
 
 def load_dataset(name: str, data_dir: Optional[Path] = None, *, download: bool = True,
                  train_limit: Optional[int] = None, test_limit: Optional[int] = None,
-                 val_split: float = 0.0, seed: int = 0) -> Dataset:
+                 val_split: float = 0.0, seed: int = 0,
+                 stats: Optional[Tuple[Sequence[float], Sequence[float]]] = None) -> Dataset:
     """Find (or download), verify and read a data set as uint8 arrays.
 
     ``train_limit``/``test_limit`` keep the first N images (applied before the validation
     split); ``val_split`` moves a seeded random fraction of train into ``val`` (both keep
     their original order); mean/std are those of the training split that remains.
+    ``stats=(mean, std)`` (a trained run's own) skips the training split altogether: only the
+    test split is read, as evaluating a run needs nothing else.
     """
     name = canonical_name(name)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -631,13 +626,13 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, *, download: bool =
         raise DataError(f"val_split must be in [0, 1), not {val_split}")
     t0 = time.perf_counter()
     loader = _load_fashion_mnist if name == "fashion-mnist" else _load_cifar10
-    train, test, classes, source = loader(data_dir, download)
+    train, test, classes, source = loader(data_dir, download, stats is None)
     if train_limit is not None:
         train = Split(train.images[:train_limit], train.labels[:train_limit])
     if test_limit is not None:
         test = Split(test.images[:test_limit], test.labels[:test_limit])
     val = None
-    if val_split > 0:
+    if val_split > 0 and stats is None:
         n = len(train)
         n_val = int(round(n * val_split))
         if n_val < 1 or n_val >= n:
@@ -647,7 +642,10 @@ def load_dataset(name: str, data_dir: Optional[Path] = None, *, download: bool =
         val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         val = Split(train.images[val_idx], train.labels[val_idx])
         train = Split(train.images[train_idx], train.labels[train_idx])
-    mean, std = _channel_stats(train.images)
+    if stats is not None:
+        mean, std = tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1])
+    else:
+        mean, std = _channel_stats(train.images)
     log.info("%s: %d train, %d val, %d test images from %s in %.2f s", name, len(train),
              len(val) if val else 0, len(test), source, time.perf_counter() - t0)
     return Dataset(name=name, train=train, test=test, val=val, classes=list(classes),
@@ -695,9 +693,7 @@ def prepare_dataset(name: str, data_dir: Path, from_archive: Optional[Path] = No
             t0 = time.perf_counter()
             marker.unlink(missing_ok=True)
             stamp["extracted"] = _extract_cifar_archive(archive, own)
-            tmp = marker.with_name(marker.name + ".tmp")
-            tmp.write_text(json.dumps(stamp))
-            os.replace(tmp, marker)
+            atomic_write_text(marker, json.dumps(stamp))
             log.info("extracted %s into %s in %.1f s", archive, own, time.perf_counter() - t0)
     ds = load_dataset(name, data_dir, download=download)
     verified = ("; content checksums verified" if name == "fashion-mnist"

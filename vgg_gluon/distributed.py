@@ -47,7 +47,6 @@ STOP_KEY = 9_000_000
 METRICS_KEY = 9_000_001
 AUX_KEY_BASE = 10_000_000   # + epoch * 10_000 + parameter index (async: fresh keys every epoch)
 # Test-only: every worker writes its final weights and epoch rows here (worker-<rank>.*).
-DUMP_ENV = "VGG_GLUON_DIST_DUMP"
 
 
 class DistError(ConfigError):
@@ -149,7 +148,7 @@ def note_outcome(status: str, session=None) -> None:
     Training is over: the network's parameters are detached from the Trainer, so later loads into
     the same network (the end-of-run report) do not try to reset the dist kvstore (MXNet refuses).
     """
-    from vgg_gluon.cli import EXIT_NONFINITE
+    from vgg_gluon.errors import EXIT_NONFINITE
     _EXIT.clean = status in ("finished", "stopped")
     _EXIT.code = EXIT_NONFINITE if status == "nonfinite" else 1
     if session is not None:
@@ -240,7 +239,7 @@ class DistContext:
 
     # -- trainer --------------------------------------------------------------------------------
     def make_trainer(self, net, cfg: RunConfig, steps_per_epoch: int) -> DistTrainer:
-        from vgg_gluon.engine import make_lr_scheduler
+        from vgg_gluon.optim import make_lr_scheduler
         # async: the servers count one update per worker push.
         iters = steps_per_epoch * (1 if self.sync else self.num_workers)
         schedule = make_lr_scheduler(cfg, iters) if self.sync else mxnet_lr_scheduler(cfg, iters)
@@ -345,17 +344,6 @@ class DistContext:
                     self.kv.pull(key, out=p.list_data())
         mx.nd.waitall()
         return metrics
-
-    # -- test hook ------------------------------------------------------------------------------
-    def dump_for_tests(self, net, rows) -> None:
-        where = os.environ.get(DUMP_ENV)
-        if not where:
-            return
-        import json
-        Path(where).mkdir(parents=True, exist_ok=True)
-        net.save_parameters(str(Path(where) / f"worker-{self.rank}.params"))
-        (Path(where) / f"worker-{self.rank}.json").write_text(
-            json.dumps({"rank": self.rank, "num_workers": self.num_workers, "rows": rows}))
 
 
 def create(kvstore: str) -> DistContext:

@@ -14,6 +14,8 @@ from vgg_gluon import checkpoint as ckpt_mod
 from vgg_gluon import data as data_mod
 from vgg_gluon import models, report
 from vgg_gluon.config import RunConfig
+from vgg_gluon.errors import mxnet_error_reason
+from vgg_gluon.optim import make_lr_scheduler  # noqa: F401  (also engine.make_lr_scheduler)
 from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
 
 log = logging.getLogger(__name__)
@@ -58,27 +60,6 @@ class Partial:
 
 # ------------------------------------------------------------------------------------------------
 # building blocks
-def make_lr_scheduler(cfg: RunConfig, iters_per_epoch: int):
-    """Per-iteration schedule: linear warmup then constant/step/cosine/linear (gluoncv's schedulers).
-
-    "linear" after a warmup is the triangular (one-cycle) schedule of the fast-training recipes."""
-    from gluoncv.utils import LRScheduler, LRSequential
-    mode = {"constant": "constant", "step": "step", "cosine": "cosine", "linear": "linear"}[cfg.lr_schedule]
-    warm = cfg.warmup_epochs
-    lr = cfg.effective_lr()
-    parts = []
-    if warm > 0:
-        parts.append(LRScheduler("linear", base_lr=0.0, target_lr=lr, nepochs=warm,
-                                 iters_per_epoch=iters_per_epoch))
-    kwargs = {}
-    if mode == "step":
-        kwargs = dict(step_epoch=[s - warm for s in cfg.lr_steps if s > warm] or [cfg.epochs * 10],
-                      step_factor=cfg.lr_factor)
-    parts.append(LRScheduler(mode, base_lr=lr, target_lr=0.0, nepochs=cfg.epochs - warm,
-                             iters_per_epoch=iters_per_epoch, **kwargs))
-    return LRSequential(parts)
-
-
 def set_param_multipliers(net, cfg: RunConfig) -> None:
     """BatchNorm shifts/scales and biases: LR x bias_lr_mult, and no weight decay with no_wd_bias
     (airbench94's separate BN-bias group; gluoncv's --no-wd). Set on the Parameters, which every
@@ -196,7 +177,6 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
         prev_loss = step_loss
         step += 1
         samples += n
-        ckpt_mod._fault("train-step")   # test-only hook (VGG_GLUON_SLOW_AT=train-step:<s>); a no-op otherwise
         window_n += n
         if on_progress and (step % log_interval == 0 or step == steps):
             total_loss, total_corr = read_totals()
@@ -230,8 +210,9 @@ def evaluate(net, loader, num_classes: int, loss_fn=None, tta: str = "none") -> 
     from vgg_gluon.fasttrain import tta_logits
     loss_fn = loss_fn or gluon.loss.SoftmaxCrossEntropyLoss()
     t0 = time.time()
-    loss_sums, preds, truths = [], [], []
+    loss_sums, preds, truths, in_top = [], [], [], []
     in_dtype = input_dtype(net)
+    top_k = min(5, num_classes)
 
     def forward(v):
         return net(v.astype(in_dtype, copy=False)).astype("float32", copy=False)
@@ -241,16 +222,19 @@ def evaluate(net, loader, num_classes: int, loss_fn=None, tta: str = "none") -> 
             loss_sums.append(loss_fn(out, y).sum())
             preds.append(out.argmax(axis=1).as_in_context(mx.cpu()))
             truths.append(y.as_in_context(mx.cpu()))
+            top = mx.nd.topk(out, axis=1, k=top_k)            # (B, k) class indices
+            in_top.append((top == y.reshape((-1, 1))).sum())
     pred = mx.nd.concat(*preds, dim=0).asnumpy().astype(np.int64) if preds else np.zeros(0, np.int64)
     true = mx.nd.concat(*truths, dim=0).asnumpy().astype(np.int64) if truths else np.zeros(0, np.int64)
     loss_total = _sum_scalars(loss_sums)
     seconds = time.time() - t0
     n = len(true)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (true, pred), 1)
+    confusion = report.confusion_matrix(true, pred, num_classes)
     per_class = [float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else float("nan")
                  for c in range(num_classes)]
+    top_hits = _sum_scalars(in_top)
     return {"loss": loss_total / max(n, 1), "acc": float((pred == true).mean()) if n else float("nan"),
+            "top5_acc": top_hits / n if n else float("nan"), "top_k": top_k,
             "samples": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9),
             "per_class_acc": per_class, "confusion": confusion.tolist(), "tta": tta}
 
@@ -290,7 +274,7 @@ class Session:
 
 
 def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_source=None,
-                  dataset=None) -> Session:
+                  dataset=None, eval_batch_size: Optional[int] = None) -> Session:
     """Load data, build the network on every context and (when training) the Trainer.
 
     params_source: None (fresh init), a Checkpoint, or a path to a bare .params file.
@@ -298,8 +282,9 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     cfg.validate()
     ctx_list = ctx_list or resolve_ctx(cfg.ctx)
     if train and cfg.batch_size < len(ctx_list):
-        from vgg_gluon.config import ConfigError
-        raise ConfigError(f"batch size {cfg.batch_size} is smaller than the number of devices ({len(ctx_list)})")
+        from vgg_gluon.config import SettingError
+        raise SettingError("batch_size", f"must be at least the number of devices ({len(ctx_list)}), "
+                                         f"got {cfg.batch_size}", ("ctx",))
     if (cfg.amp or cfg.dtype == "float16") and any(c.device_type == "cpu" for c in ctx_list):
         from vgg_gluon.config import ConfigError
         raise ConfigError(f"{'--amp' if cfg.amp else '--dtype float16'} needs a GPU (--ctx gpu:0): MXNet has no "
@@ -321,9 +306,7 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     elif params_source is not None:
         from vgg_gluon import foreign
         models.initialize(net, ctx_list, seed=cfg.seed)
-        report_ = foreign.load_params_any(net, Path(params_source), ctx_list, input_shape=shape)
-        log.info("%s", report_.message)
-        s.foreign_report = report_
+        s.foreign_report = foreign.load_params_any(net, Path(params_source), ctx_list, input_shape=shape)
     else:
         models.initialize(net, ctx_list, seed=cfg.seed)
         if cfg.whiten:  # a fresh run: filters from the training data (a checkpoint brings its own)
@@ -346,7 +329,9 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         net.hybridize(static_alloc=static, static_shape=static)
     common = dict(mean=dataset.mean, std=dataset.std, pad_to=data_mod.native_size(cfg.dataset),
                   image_size=cfg.image_size)
-    eval_bs = max(cfg.batch_size, 256)
+    # Training evaluates in batches of at least 256 (faster, same result); the evaluate command's
+    # --batch-size is taken as given (memory).
+    eval_bs = eval_batch_size or max(cfg.batch_size, 256)
     s.eval_loader = data_mod.BatchLoader(dataset.test, eval_bs, ctx_list, train=False, **common)
     if dataset.val is not None:
         s.val_loader = data_mod.BatchLoader(dataset.val, eval_bs, ctx_list, train=False, **common)
@@ -407,12 +392,7 @@ def load_checkpoint_params(net, path: Path, ctx_list) -> None:
     try:
         net.load_parameters(str(path), ctx=ctx_list)
     except Exception as exc:  # MXNetError, AssertionError (name/shape mismatch), OSError
-        msg = [m.strip() for m in str(exc).strip().splitlines() if m.strip()]
-        # MXNet's messages start with a C++ "Traceback" header; the reason is the last line.
-        reason = next((m for m in reversed(msg) if not m.startswith(("Traceback", "File ", "[bt]"))),
-                      type(exc).__name__)
-        reason = reason.split("MXNetError: ", 1)[-1]
-        detail = next((m for m in msg if "shape" in m.lower() or "missing" in m.lower()), reason)
+        detail = mxnet_error_reason(exc, prefer=("shape", "missing"))
         raise ckpt_mod.CheckpointError(f"{path}: cannot load weights ({detail[:200]})") from None
 
 

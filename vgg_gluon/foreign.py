@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 
+from vgg_gluon.errors import UserError, mxnet_error_reason
 from vgg_gluon.models import VGG, VGG_SPECS, format_width, initialize, materialize, scaled_spec
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _PREFIXED_SUFFIX = re.compile(r"^(?P<layer>.*?)_?(?P<suffix>running_mean|running
                               r"|weight|bias|gamma|beta)$")
 
 
-class ParamsError(Exception):
+class ParamsError(UserError):
     """One user-facing line: which file, what is wrong (first mismatch)."""
 
 
@@ -57,18 +58,7 @@ class LoadReport:
 
 # --- reading ------------------------------------------------------------------------------------
 
-def _mx_reason(exc: BaseException) -> str:
-    """The useful last line of an MXNetError (they carry a C++ 'Traceback' header)."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    reason = lines[-1]
-    for prefix in ("MXNetError: ", "LocalFileSystem: "):
-        if reason.startswith(prefix):
-            reason = reason[len(prefix):]
-    if reason.startswith("Check failed:"):
-        reason = reason.rsplit(": ", 1)[-1]  # drop the C++ condition, keep the message
-    return reason
+_mx_reason = mxnet_error_reason
 
 
 def read_params_file(path: Path) -> Dict[str, mx.nd.NDArray]:

@@ -15,15 +15,16 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vgg_gluon.config import RunConfig
+from vgg_gluon.errors import UserError, mxnet_error_reason
+from vgg_gluon.imagefile import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EXPORT_PREFIX = "model"
 EXPORT_FORMAT = "vgg-gluon-export/1"
 
 
-class InspectError(Exception):
+class InspectError(UserError):
     """A one-line, user-facing problem (shown as `Error: ...`)."""
 
 
@@ -97,6 +98,9 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
     prep = meta.get("preprocessing")
     if not prep or "classes" not in prep:
         raise InspectError(f"{c.path}/meta.json: no preprocessing recorded (checkpoint too old)")
+    if isinstance(ctx, str):   # --ctx of predict/export/report: one device is enough, the first
+        from vgg_gluon.runtime import resolve_ctx
+        ctx = resolve_ctx(ctx)[0]
     ctx = ctx or mx.cpu()
     net = engine.build_network(cfg, len(prep["classes"]))  # the run's layer options (activation, BN)
     if getattr(cfg, "dtype", "float32") != "float32":
@@ -106,7 +110,7 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
             net.load_parameters(str(c.file(ck.PARAMS)), ctx=[ctx], cast_dtype=True, dtype_source="current")
         except Exception as exc:  # MXNetError, AssertionError
             raise ck.CheckpointError(f"{c.file(ck.PARAMS)}: cannot load weights "
-                                     f"({(str(exc).strip().splitlines() or [''])[0][:200]})") from None
+                                     f"({mxnet_error_reason(exc)[:200]})") from None
     else:
         engine.load_checkpoint_params(net, c.file(ck.PARAMS), [ctx])
     net.hybridize()
@@ -171,27 +175,14 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
     """Any PNG/JPEG (any size or mode) -> uint8 (size, size, channels) as the data set stores images:
     grayscale (L) for 1 channel, RGB for 3, resized with bilinear filtering like image folders are.
     Raises InspectError with a one-line reason."""
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageFile, UnidentifiedImageError
+
+    from vgg_gluon.imagefile import read_image
     # gluoncv (imported for the LR schedulers) sets ImageFile.LOAD_TRUNCATED_IMAGES = True for the
     # whole process, which would turn a truncated file into a silently half-gray picture.
     lenient, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
-        with Image.open(path) as im:
-            im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # broken EXIF: keep the pixels as stored
-                pass
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                a = np.asarray(im, dtype=np.float64)
-                top = 65535.0 if a.max() > 255 else 255.0
-                im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-            if im.mode == "P":
-                im = im.convert("RGBA")
-            im = im.convert("L" if channels == 1 else "RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+        arr = read_image(path, channels, size)
     except FileNotFoundError:
         raise InspectError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -203,7 +194,7 @@ def decode_image(path: Path, channels: int, size: int) -> np.ndarray:
         raise InspectError(f"{path}: unreadable image ({why})") from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
-    return arr.reshape(size, size, channels)
+    return arr
 
 
 def to_input(images: np.ndarray, prep: Dict[str, Any], ctx):
@@ -293,13 +284,16 @@ def export(model: RunModel, out_dir: Path) -> Dict[str, Path]:
     }
     (out_dir / "preprocessing.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     (out_dir / "serve_example.py").write_text(SERVE_EXAMPLE, encoding="utf-8")
+    from vgg_gluon import imagefile  # the very decoding predict uses, so the export cannot drift
+    (out_dir / "vgg_image.py").write_text(Path(imagefile.__file__).read_text(encoding="utf-8"), encoding="utf-8")
     return {"symbol": out_dir / info["symbol"], "params": out_dir / info["params"],
-            "preprocessing": out_dir / "preprocessing.json", "example": out_dir / "serve_example.py"}
+            "preprocessing": out_dir / "preprocessing.json", "example": out_dir / "serve_example.py",
+            "decoder": out_dir / "vgg_image.py"}
 
 
 SERVE_EXAMPLE = '''"""Classify images with an exported vgg-gluon model: needs mxnet, numpy and Pillow only.
 
-    python serve_example.py IMAGE [IMAGE ...]
+    python serve_example.py [--json] IMAGE [IMAGE ...]
 """
 import json
 import sys
@@ -308,9 +302,10 @@ from pathlib import Path
 
 import mxnet as mx
 import numpy as np
-from PIL import Image
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from vgg_image import read_image  # noqa: E402
 info = json.loads((HERE / "preprocessing.json").read_text())
 with warnings.catch_warnings():  # MXNet warns that the input type is only known at the first call
     warnings.simplefilter("ignore", UserWarning)
@@ -319,11 +314,10 @@ with warnings.catch_warnings():  # MXNet warns that the input type is only known
 
 
 def preprocess(path):
-    im = Image.open(path).convert(info["color_mode"])
     src = info["source_size"]
-    if im.size != (src, src):
-        im = im.resize((src, src), Image.BILINEAR)
-    x = np.asarray(im, dtype=np.float32).reshape(src, src, info["channels"]).transpose(2, 0, 1)[None]
+    # vgg_image.py (next to this file) decodes exactly as `vgg-gluon predict` does: EXIF orientation,
+    # 16-bit grayscale, palettes, then grayscale or RGB at the data set's size.
+    x = read_image(path, info["channels"], src).astype(np.float32).transpose(2, 0, 1)[None]
     mean = np.array(info["mean"], np.float32).reshape(1, -1, 1, 1)
     std = np.array(info["std"], np.float32).reshape(1, -1, 1, 1)
     x = mx.nd.array(x)
@@ -339,10 +333,14 @@ def preprocess(path):
     return (x - mx.nd.array(mean)) / mx.nd.array(std)
 
 
-for path in sys.argv[1:]:
+as_json = "--json" in sys.argv[1:]   # one JSON object per image with every class's probability
+for path in (a for a in sys.argv[1:] if a != "--json"):
     p = mx.nd.softmax(net(preprocess(path)), axis=1).asnumpy()[0]
     best = int(p.argmax())
-    print(f"{path}: {info['classes'][best]} {p[best]:.3f}")
+    if as_json:
+        print(json.dumps({"file": path, "probabilities": dict(zip(info["classes"], map(float, p)))}))
+    else:
+        print(f"{path}: {info['classes'][best]} {p[best]:.3f}")
 '''
 
 
@@ -363,8 +361,7 @@ def write_report(run_dir: Path, net, dataset, prep: Dict[str, Any], ctx, *, chec
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     classes = list(prep["classes"])
     k = len(classes)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (truth, pred), 1)
+    confusion = report.confusion_matrix(truth, pred, k)
     history = report.read_history(run_dir / "history.csv")
     out: Dict[str, Path] = {}
     if history:
@@ -385,11 +382,11 @@ def write_report(run_dir: Path, net, dataset, prep: Dict[str, Any], ctx, *, chec
     return out
 
 
-def report_for_run(run_dir: Path, which: str = "best", data_dir: Optional[str] = None,
+def report_for_run(run_dir: Path, which: str = "best", data_dir: Optional[str] = None, ctx=None,
                    test_limit: Optional[int] = None) -> Dict[str, Path]:
     """`vgg-gluon report RUN`: load the run's data set and checkpoint, write the report."""
     from vgg_gluon import data as data_mod
-    model = load_run_model(run_dir, which)
+    model = load_run_model(run_dir, which, ctx)
     cfg = model.cfg
     folder = data_dir or cfg.data_dir
     dataset = data_mod.load_dataset(cfg.dataset, Path(folder) if folder else None,

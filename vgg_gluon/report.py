@@ -5,7 +5,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from vgg_gluon.checkpoint import atomic_write, atomic_write_text
 
@@ -50,13 +50,36 @@ def read_history(path: Path) -> List[Dict[str, Any]]:
     return rows
 
 
+def selection_split(rows: List[Dict[str, Any]]) -> str:
+    """The split "best" is chosen on: "val" when the run held out validation data, else "test"."""
+    return "val" if any(isinstance(r.get("val_acc"), float) and not math.isnan(r["val_acc"]) for r in rows) \
+        else "test"
+
+
+def best_row(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The epoch training chose as best: the first with the highest accuracy on the selection split
+    (validation when there is some, else test), as engine.fit marks it."""
+    key = f"{selection_split(rows)}_acc"
+    scored = [r for r in rows if isinstance(r.get(key), float) and not math.isnan(r[key])]
+    return max(scored, key=lambda r: (r[key], -r["epoch"])) if scored else None
+
+
+def best_summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Every figure of a run's outcome with its split named, for the end line, --log-json and `runs`."""
+    best, split = best_row(rows), selection_split(rows)
+    last = rows[-1] if rows else {}
+    return {"best_split": split, "best_epoch": best["epoch"] if best else None,
+            "best_acc": best.get(f"{split}_acc") if best else None,
+            "best_test_acc": best.get("test_acc") if best else None,
+            "last_epoch": last.get("epoch"), "last_test_acc": last.get("test_acc")}
+
+
 def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
     """Loss and accuracy per epoch, train vs test (and validation), learning rate on a third panel."""
     if not rows:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
 
     ep = [r["epoch"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -66,18 +89,20 @@ def plot_curves(path: Path, rows: List[Dict[str, Any]]) -> None:
             if any(y is not None and not (isinstance(y, float) and math.isnan(y)) for y in ys):
                 ax.plot(ep, [float("nan") if y is None else y for y in ys], style, label=split, ms=3)
         ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
         ax.legend()
     axes[2].plot(ep, [r.get("lr", float("nan")) for r in rows], "-o", ms=3, color="tab:purple")
     axes[2].set_title("learning rate (end of epoch)")
-    axes[2].set_xlabel("epoch")
-    axes[2].grid(alpha=0.3)
+    axes[2].set_ylim(bottom=0)   # a rate is never negative; a flat or one-point line must not suggest it
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if ep[-1] - ep[0] < 12:   # 1- and 2-epoch runs: ticks at the epochs, not 1.25, 1.5
+            ax.set_xticks(range(ep[0], ep[-1] + 1))
+            ax.set_xlim(ep[0] - 0.5, ep[-1] + 0.5)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(Path(path), buf.getvalue())
+    _save(fig, Path(path))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,6 +120,14 @@ def _save(fig, path: Path) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write(Path(path), buf.getvalue())
+
+
+def confusion_matrix(truth, pred, num_classes: int):
+    """Counts (true class, predicted class) as an int64 (k, k) numpy array."""
+    import numpy as np
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (np.asarray(truth, np.int64), np.asarray(pred, np.int64)), 1)
+    return confusion
 
 
 def normalize_rows(confusion) -> List[List[float]]:
@@ -175,10 +208,15 @@ def write_report_md(path: Path, *, run_name: str, classes: List[str], confusion,
                  + (f" (epoch {epoch})" if epoch is not None else "")
                  + f": test accuracy **{correct / max(total, 1):.4f}** on {total} images, {mistakes} misclassified.")
     if history:
-        last = history[-1]
-        best = max(history, key=lambda r: r.get("test_acc", -1))
-        lines.append(f"Epochs trained: {last['epoch']}; best test accuracy {best.get('test_acc', float('nan')):.4f} "
-                     f"(epoch {best['epoch']}), last {last.get('test_acc', float('nan')):.4f}.")
+        b = best_summary(history)
+        chosen = ("validation accuracy" if b["best_split"] == "val" else
+                  "test accuracy (no --val-split: an optimistic choice; the last epoch's figure is the fair one)")
+        line = f"Epochs trained: {b['last_epoch']}; last epoch's test accuracy {b['last_test_acc']:.4f}."
+        if b["best_epoch"] is not None:
+            line += (f" Best epoch {b['best_epoch']}, chosen on {chosen}: {b['best_split']} accuracy "
+                     f"{b['best_acc']:.4f}" + (f", test accuracy {b['best_test_acc']:.4f}" if b["best_split"] == "val"
+                                               else "") + ".")
+        lines.append(line)
     lines.append("")
     titles = {"curves.png": "Loss, accuracy and learning rate per epoch",
               "confusion.png": "Confusion matrix (rows: true class, normalized)",
@@ -195,10 +233,12 @@ def write_report_md(path: Path, *, run_name: str, classes: List[str], confusion,
         confused = f"{classes[worst[1]]} ({worst[0] / n:.1%})" if worst else "-"
         lines.append(f"| {name} | {n} | {acc:.4f} | {confused} |")
     if history:
-        lines += ["", "## Epochs", "", "| epoch | train loss | train acc | test loss | test acc | lr | seconds |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        keys = ["train_loss", "train_acc", "test_loss", "test_acc"]
+        keys += ["val_acc"] if selection_split(history) == "val" else []
+        heads = [k.replace("_", " ") for k in keys] + ["lr", "seconds"]
+        lines += ["", "## Epochs", "", "| epoch | " + " | ".join(heads) + " |", "|---:" * (len(heads) + 1) + "|"]
         for r in history:
-            lines.append("| {} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.4g} | {:.1f} |".format(
-                r["epoch"], *(float(r.get(key, float("nan"))) for key in
-                              ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"))))
+            cells = [f"{float(r.get(k, float('nan'))):.4f}" for k in keys]
+            cells += [f"{float(r.get('lr', float('nan'))):.4g}", f"{float(r.get('seconds', float('nan'))):.1f}"]
+            lines.append(f"| {r['epoch']} | " + " | ".join(cells) + " |")
     atomic_write_text(Path(path), "\n".join(lines) + "\n")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from vgg_gluon import report
-from vgg_gluon.checkpoint import CKPT_RE, TMP_PREFIX, atomic_write_text
+from vgg_gluon.checkpoint import TMP_PREFIX, atomic_write_text, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,10 @@ def describe_run(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
     history = report.read_history(run_dir / "history.csv")
     last = _read_json(run_dir / "last.json") or {}
     best = _read_json(run_dir / "best.json") or {}
-    ckpts = sorted((int(m.group(1)), int(m.group(2) or 0)) for m in
-                   (CKPT_RE.match(p.name) for p in run_dir.iterdir()) if m)
+    ckpts = [(c.epoch, c.step) for c in list_checkpoints(run_dir)]   # (epochs done, step), oldest first
     done = int(last.get("epoch", ckpts[-1][0] if ckpts else (history[-1]["epoch"] if history else 0)))
     step = int(last.get("step", 0) or 0)
     planned = cfg.get("epochs")
-    test_accs = [r["test_acc"] for r in history if isinstance(r.get("test_acc"), float)]
     entries = list(run_dir.iterdir())
     updated = max([p.stat().st_mtime for p in entries] + [run_dir.stat().st_mtime])
     leftovers = [p.name for p in entries if p.name.startswith(TMP_PREFIX)]
@@ -164,12 +162,20 @@ def describe_run(run_dir: Path, now: Optional[float] = None) -> Dict[str, Any]:
         "name": run_dir.name, "path": str(run_dir), "dataset": cfg.get("dataset"), "arch": cfg.get("arch"),
         "width": cfg.get("width"), "batch_norm": cfg.get("batch_norm"), "image_size": cfg.get("image_size"),
         "epochs_done": done, "epochs_planned": planned, "step": step,
-        "best_test_acc": max(test_accs) if test_accs else best.get("test_acc"),
-        "last_test_acc": test_accs[-1] if test_accs else None,
+        **_outcome(history, best),
         "best_checkpoint": best.get("checkpoint"), "last_checkpoint": last.get("checkpoint"),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(updated)), "updated_ts": updated,
         "state": state, "note": note,
     }
+
+
+def _outcome(history, best_pointer: Dict[str, Any]) -> Dict[str, Any]:
+    """Best and last figures with their split named (report.best_summary); without a history, what
+    best.json says."""
+    if history:
+        return report.best_summary(history)
+    return {"best_split": None, "best_epoch": best_pointer.get("epoch"), "best_acc": None,
+            "best_test_acc": best_pointer.get("test_acc"), "last_epoch": None, "last_test_acc": None}
 
 
 def list_runs(parent: Path) -> List[Dict[str, Any]]:
@@ -186,7 +192,7 @@ def list_runs(parent: Path) -> List[Dict[str, Any]]:
         except OSError as exc:  # unreadable folder: still listed, never a traceback
             rows.append({"name": p.name, "path": str(p), "dataset": None, "arch": None, "width": None,
                          "batch_norm": None, "image_size": None, "epochs_done": 0, "epochs_planned": None,
-                         "step": 0, "best_test_acc": None, "last_test_acc": None, "best_checkpoint": None,
+                         "step": 0, **_outcome([], {}), "best_checkpoint": None,
                          "last_checkpoint": None, "updated": "?", "updated_ts": 0.0, "state": "unreadable",
                          "note": exc.strerror or str(exc)})
     return sorted(rows, key=lambda r: r["updated_ts"], reverse=True)
@@ -206,11 +212,16 @@ def format_runs(rows: List[Dict[str, Any]]) -> str:
             s += f" {r['image_size']}px"
         return s
 
-    table = [("run", "dataset", "architecture", "epochs", "best acc", "last acc", "updated", "state")]
+    def best(r):  # the accuracy "best" was chosen on, with its split
+        if r.get("best_acc") is None:
+            return acc(r.get("best_test_acc")) + (" test" if r.get("best_test_acc") is not None else "")
+        return f"{r['best_acc']:.4f} {r['best_split']} (ep {r['best_epoch']})"
+
+    table = [("run", "dataset", "architecture", "epochs", "best", "last test acc", "updated", "state")]
     for r in rows:
         state = r["state"] + (f" ({r['note']})" if r["note"] else "")
         table.append((r["name"], str(r["dataset"] or "?"), arch(r),
                       f"{r['epochs_done']}/{r['epochs_planned'] if r['epochs_planned'] is not None else '?'}",
-                      acc(r["best_test_acc"]), acc(r["last_test_acc"]), r["updated"].replace("T", " ")[:16], state))
+                      best(r), acc(r["last_test_acc"]), r["updated"].replace("T", " ")[:16], state))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in table)
