@@ -41,7 +41,8 @@ def test_lookahead_whitening_recipe_interrupted_and_resumed_equals_uninterrupted
     BN statistics, whitening filters and lookahead state as the run that never stopped."""
     r = _invoke("train", *FAST, "--epochs", 3, "--output-dir", tmp_path, "--name", "full")
     assert r.exit_code == 0, r.output
-    assert "(TTA flip-translate)" in (tmp_path / "full" / "train.log").read_text()
+    log = (tmp_path / "full" / "train.log").read_text()
+    assert "test (TTA flip-translate) loss" in log and "done: last epoch (3) test accuracy (TTA flip-translate)" in log
 
     calls = {"n": 0}
 

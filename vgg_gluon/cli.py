@@ -455,15 +455,16 @@ def _new_run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def done_line(o: Dict[str, Any]) -> str:
-    """The last line of a finished run: every figure names its split."""
-    text = f"done: last epoch ({o['last_epoch']}) test accuracy {o['last_test_acc']:.4f}"
+def done_line(o: Dict[str, Any], tta: str = "none") -> str:
+    """The last line of a finished run: every figure names its split (and the TTA, if any)."""
+    t = f" (TTA {tta})" if tta and tta != "none" else ""
+    text = f"done: last epoch ({o['last_epoch']}) test accuracy{t} {o['last_test_acc']:.4f}"
     if o["best_epoch"] is None:
         return text
     if o["best_split"] == "val":
-        return text + (f"; best epoch {o['best_epoch']} by validation accuracy {o['best_acc']:.4f} "
+        return text + (f"; best epoch {o['best_epoch']} by validation accuracy{t} {o['best_acc']:.4f} "
                        f"(test accuracy {o['best_test_acc']:.4f})")
-    return text + f"; best epoch {o['best_epoch']} by test accuracy {o['best_acc']:.4f} (chosen on the test set)"
+    return text + f"; best epoch {o['best_epoch']} by test accuracy{t} {o['best_acc']:.4f} (chosen on the test set)"
 
 
 def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, partial=None,
@@ -515,7 +516,7 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
                 console.tb.image("mistakes", run_dir / "mistakes.png", result.epoch)
         if console.tb is not None:
             console.tb.close()
-        console.line(done_line(outcome) + f"; evaluate with `vgg-gluon evaluate {run_dir}`")
+        console.line(done_line(outcome, cfg.eval_tta) + f"; evaluate with `vgg-gluon evaluate {run_dir}`")
         return
     if result.status == "nonfinite":
         console.line(f"Error: {result.message}; last good checkpoint kept in {run_dir}", err=True)
