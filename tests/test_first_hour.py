@@ -5,11 +5,11 @@ import json
 import math
 
 import pytest
-from conftest import invoke_cli
+from conftest import invoke_cli, tiny_args
 
 from vgg_gluon.config import RunConfig
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--test-limit", "64", "--quiet"]
+TINY = tiny_args(train_limit=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_done_line_names_the_split_and_warns_on_test_selection():
 
 
 def test_train_warns_that_best_is_chosen_on_test(tmp_path, cli_env):
-    r = invoke_cli("train", *TINY[:-1], "--train-limit", "128", "--epochs", "1", "--output-dir", tmp_path)
+    r = invoke_cli("train", *tiny_args(train_limit=128, quiet=False), "--epochs", "1", "--output-dir", tmp_path)
     assert r.exit_code == 0 and "no --val-split, so the 'best' checkpoint is chosen on test accuracy" in r.output
 
 
@@ -381,10 +381,10 @@ def test_runs_of_a_missing_folder_is_an_error(tmp_path):
 
 
 def test_evaluate_reads_no_training_images(run_dir, cli_env, monkeypatch):
-    from vgg_gluon import data
+    from vgg_gluon.data import readers
     seen = []
-    orig = data._read_idx
-    monkeypatch.setattr(data, "_read_idx", lambda p, *a: seen.append(p.name) or orig(p, *a))
+    orig = readers._read_idx
+    monkeypatch.setattr(readers, "_read_idx", lambda p, *a: seen.append(p.name) or orig(p, *a))
     assert invoke_cli("evaluate", run_dir, "--json").exit_code == 0
     assert seen and not any(n.startswith("train") for n in seen), seen
 

@@ -2,12 +2,13 @@
 import mxnet as mx
 import numpy as np
 import pytest
+from conftest import TINY_WIDTH
 from mxnet import autograd, gluon
 
 from vgg_gluon import models as M
 
 CTX = mx.cpu()
-TINY = 0.0625  # 64 -> 4 channels: every spec runs in milliseconds at 32 px
+TINY = TINY_WIDTH  # 64 -> 4 channels: every spec runs in milliseconds at 32 px
 
 
 def _input(shape, seed=0):

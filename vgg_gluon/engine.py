@@ -15,7 +15,7 @@ from vgg_gluon import data as data_mod
 from vgg_gluon import models, report
 from vgg_gluon.config import RunConfig
 from vgg_gluon.errors import mxnet_error_reason
-from vgg_gluon.optim import make_lr_scheduler  # noqa: F401  (also engine.make_lr_scheduler)
+from vgg_gluon.optim import install_schedule, make_lr_scheduler, make_trainer, set_param_multipliers  # noqa: F401
 from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
 
 log = logging.getLogger(__name__)
@@ -60,31 +60,6 @@ class Partial:
 
 # ------------------------------------------------------------------------------------------------
 # building blocks
-def set_param_multipliers(net, cfg: RunConfig) -> None:
-    """BatchNorm shifts/scales and biases: LR x bias_lr_mult, and no weight decay with no_wd_bias
-    (airbench94's separate BN-bias group; gluoncv's --no-wd). Set on the Parameters, which every
-    optimizer (local, devices, dist servers) reads."""
-    for name, p in net.collect_params().items():
-        if name.endswith(("_bias", "_beta", "_gamma")):
-            p.lr_mult = cfg.bias_lr_mult
-            if cfg.no_wd_bias:
-                p.wd_mult = 0.0
-
-
-def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, kvstore: Optional[str] = None):
-    opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": make_lr_scheduler(cfg, iters_per_epoch)}
-    if cfg.optimizer in ("sgd", "nag"):
-        opt_params["momentum"] = cfg.momentum
-    if cfg.dtype == "float16":
-        opt_params["multi_precision"] = True  # float32 master weights and updates
-    trainer = gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params,
-                            kvstore=kvstore or cfg.kvstore)
-    if cfg.amp:
-        from mxnet.contrib import amp
-        amp.init_trainer(trainer)  # dynamic loss scaling; skips steps whose gradients overflow
-    return trainer
-
-
 def init_amp(target_precision_ops=None) -> None:
     """MXNet AMP: patch the operator namespaces to float16 (once, before any network is built).
 
@@ -257,6 +232,11 @@ class Session:
     history: List[Dict[str, Any]] = field(default_factory=list)
     dist: Any = None                 # distributed.DistContext with a dist_* kvstore, else None
     lookahead: Any = None            # fasttrain.Lookahead when cfg.lookahead
+
+    @property
+    def is_writer(self) -> bool:
+        """This process writes the run folder: always, except distributed workers other than rank 0."""
+        return self.dist is None or self.dist.is_writer
 
     @property
     def num_classes(self) -> int:
@@ -444,7 +424,7 @@ def _params_finite(net) -> bool:
 
 def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Partial] = None,
         best_acc: float = -1.0, on_progress=None, on_epoch=None,
-        should_stop: Optional[Callable[[], bool]] = None, is_writer: bool = True) -> FitResult:
+        should_stop: Optional[Callable[[], bool]] = None) -> FitResult:
     """Train epochs start_epoch+1 .. cfg.epochs, committing a checkpoint after each.
 
     Epoch e's data order, augmentation and dropout seed depend only on (seed, e), so a resumed run
@@ -463,7 +443,7 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
             from vgg_gluon.distributed import statistics_before_mid_epoch_save
             statistics_before_mid_epoch_save(s)  # BatchNorm: one set over devices (and sync workers)
             c = None
-            if is_writer and _params_finite(s.net):
+            if s.is_writer and _params_finite(s.net):
                 c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer,
                                              checkpoint_meta(s, {}, best_acc, stop.partial),
                                              epoch=epoch - 1, step=stop.partial.step, keep_last=cfg.keep_last,
@@ -497,7 +477,7 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
         is_best = select_acc > best_acc
         best_acc = max(best_acc, select_acc)
         c = None
-        if is_writer:
+        if s.is_writer:
             if not _params_finite(s.net):
                 return FitResult("nonfinite", epoch - 1, None, best_acc,
                                  f"parameters became NaN/Inf in epoch {epoch}: not saved; lower --lr")
