@@ -39,7 +39,10 @@ def _final(run_dir: Path):
 def test_lookahead_whitening_recipe_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, monkeypatch):
     """Stopped inside epoch 2 (step 2 of 4, lookahead state mid-way), resumed: the same weights,
     BN statistics, whitening filters and lookahead state as the run that never stopped."""
-    r = _invoke("train", *FAST, "--epochs", 3, "--output-dir", tmp_path, "--name", "full")
+    # lr 0.05 rather than FAST's 0.4 x 8 for BatchNorm: at that rate 16 steps are chaotic enough that
+    # an ulp of difference in a parallel reduction (seen under load) grew to 6e-4 in a running mean.
+    gentle = [*FAST, "--lr", "0.05"]
+    r = _invoke("train", *gentle, "--epochs", 3, "--output-dir", tmp_path, "--name", "full")
     assert r.exit_code == 0, r.output
     log = (tmp_path / "full" / "train.log").read_text()
     assert "test (TTA flip-translate) loss" in log and "done: last epoch (3) test accuracy (TTA flip-translate)" in log
@@ -51,7 +54,7 @@ def test_lookahead_whitening_recipe_interrupted_and_resumed_equals_uninterrupted
         return calls["n"] >= 7  # 4 steps + the epoch-end check + 2 steps of epoch 2
     monkeypatch.setattr(cli.StopFlag, "__call__", stop_after)
     monkeypatch.setattr(cli.StopFlag, "signum", 2, raising=False)
-    r = _invoke("train", *FAST, "--epochs", 3, "--output-dir", tmp_path, "--name", "part")
+    r = _invoke("train", *gentle, "--epochs", 3, "--output-dir", tmp_path, "--name", "part")
     assert r.exit_code == 130, r.output
     mid = ck.select_checkpoint(tmp_path / "part", "last")
     assert (mid.epoch, mid.step) == (1, 2)
@@ -64,10 +67,10 @@ def test_lookahead_whitening_recipe_interrupted_and_resumed_equals_uninterrupted
     full_params, full_slow = _final(tmp_path / "full")
     part_params, part_slow = _final(tmp_path / "part")
     assert set(full_params) == set(part_params) and set(full_slow) == set(part_slow)
-    for k in full_params:
-        np.testing.assert_allclose(part_params[k], full_params[k], rtol=0, atol=0, err_msg=k)
+    for k in full_params:   # equal to float tolerance (the lost lookahead state is ~1e-3 off)
+        np.testing.assert_allclose(part_params[k], full_params[k], rtol=1e-5, atol=1e-6, err_msg=k)
     for k in full_slow:
-        np.testing.assert_allclose(part_slow[k], full_slow[k], rtol=0, atol=0, err_msg=k)
+        np.testing.assert_allclose(part_slow[k], full_slow[k], rtol=1e-5, atol=1e-6, err_msg=k)
     # The whitening filters were computed once and never trained.
     stem = next(k for k in full_params if k.endswith("stem.conv.weight"))
     c1 = ck.select_checkpoint(tmp_path / "full", "last")
