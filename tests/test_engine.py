@@ -87,6 +87,22 @@ def test_resume_with_more_epochs_rebuilds_the_schedule(tmp_path, cli_env):
     assert _tree(run) == before
 
 
+def test_resume_with_fewer_epochs_than_a_stopped_run_changes_nothing(tmp_path, cli_env):
+    """Stopped inside epoch 2 of 3, then `resume --epochs 1`: nothing to train; the stopped epoch's
+    checkpoint and the run's settings stay (it used to 'finish' the run: config.yaml said 1 epoch
+    while the newest checkpoint was the stopped one)."""
+    run = tmp_path / "r"
+    assert engine_run(run, stop_after=6, epochs=3, log_interval=1).status == "stopped"
+    step = ck.select_checkpoint(run).step
+    before = _tree(run)
+    r = _invoke("resume", run, "--epochs", 1)
+    assert r.exit_code == 0 and f"already trained 1 of 1 epochs (epoch 2 was stopped at step {step})" in r.output
+    assert _tree(run) == before
+    r = _invoke("resume", run)          # the stopped epoch is still there to finish
+    assert r.exit_code == 0, r.output
+    assert [h["epoch"] for h in report.read_history(run / "history.csv")] == [1, 2, 3]
+
+
 def test_two_cpu_contexts_match_one(tmp_path, cli_env):
     """Data parallel on cpu(0), cpu(1) makes the same updates as one device (no BN, no dropout:
     BatchNorm statistics are per device and dropout masks per device stream). Compared on what

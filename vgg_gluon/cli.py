@@ -615,10 +615,13 @@ def _resume_run(run_dir: Path, flags: Dict[str, Any], quiet: bool) -> None:
     meta = c.meta()
     cfg = apply_flags(RunConfig.from_dict(meta["config"], f"{c.path}/meta.json"), flags, f"{c.path}/meta.json")
     done = c.epoch
-    if done >= cfg.epochs and not c.step:
+    if done >= cfg.epochs:
+        # Nothing to train. A run stopped inside epoch done + 1 keeps that checkpoint and its
+        # settings: `--epochs N` below it must not "finish" the run by dropping the stopped epoch.
         _recover_history(run_dir, report.read_history(run_dir / "history.csv"), done)
-        click.echo(f"{run_dir}: already trained {done} of {cfg.epochs} epochs; pass --epochs N (> {done}) "
-                   "to train more")
+        stopped = f" (epoch {done + 1} was stopped at step {c.step})" if c.step else ""
+        click.echo(f"{run_dir}: already trained {done} of {cfg.epochs} epochs{stopped}; pass --epochs N "
+                   f"(> {done}) to train more")
         return
     session = engine.build_session(cfg, params_source=c)
     from vgg_gluon.distributed import load_trainer_states  # dist_async: no momentum to restore
