@@ -677,8 +677,8 @@ def test_output_dir_permission_denied(cli_env, tmp_path, monkeypatch):
 @pytest.fixture
 def offline_fashion(monkeypatch):
     from vgg_gluon import data
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST_DIR", Path("/nonexistent/fashion-mnist"))
-    monkeypatch.setattr(data, "FASHION_MNIST_URL", "http://127.0.0.1:9/")   # refused at once
+    monkeypatch.setattr(data.base, "SYSTEM_FASHION_MNIST_DIR", Path("/nonexistent/fashion-mnist"))
+    monkeypatch.setattr(data.base, "FASHION_MNIST_URL", "http://127.0.0.1:9/")   # refused at once
 
 
 def test_data_folder_missing(offline_fashion, tmp_path):

@@ -381,10 +381,10 @@ def test_runs_of_a_missing_folder_is_an_error(tmp_path):
 
 
 def test_evaluate_reads_no_training_images(run_dir, cli_env, monkeypatch):
-    from vgg_gluon import data
+    from vgg_gluon.data import readers
     seen = []
-    orig = data._read_idx
-    monkeypatch.setattr(data, "_read_idx", lambda p, *a: seen.append(p.name) or orig(p, *a))
+    orig = readers._read_idx
+    monkeypatch.setattr(readers, "_read_idx", lambda p, *a: seen.append(p.name) or orig(p, *a))
     assert invoke_cli("evaluate", run_dir, "--json").exit_code == 0
     assert seen and not any(n.startswith("train") for n in seen), seen
 

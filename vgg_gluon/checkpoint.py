@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
 import time
@@ -38,7 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from vgg_gluon.errors import UserError, mxnet_error_reason
+from vgg_gluon.errors import CheckpointError, mxnet_error_reason
 from vgg_gluon.fsutil import (  # noqa: F401  (re-exported: report, runs and tests use them from here)
     TMP_PREFIX,
     atomic_write,
@@ -48,6 +46,7 @@ from vgg_gluon.fsutil import (  # noqa: F401  (re-exported: report, runs and tes
     sha256_file,
     unlink_quietly,
 )
+from vgg_gluon.trainer_states import load_trainer_states, safe_unpickle_states  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,6 @@ PARAMS, STATES, META, MANIFEST = "model.params", "trainer.states", "meta.json", 
 CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{5,}))?$")
 
 
-class CheckpointError(UserError):
-    """A one-line, user-facing problem with a run folder or checkpoint file."""
 
 
 class NewerFormatError(CheckpointError):
@@ -68,96 +65,6 @@ def _check_format(path: Path, version: Any) -> None:
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise NewerFormatError(f"{path}: written by a newer vgg-gluon (format {version}, this one reads "
                                f"{FORMAT_VERSION}): upgrade vgg-gluon")
-
-
-# ---------------------------------------------------------------------------------------------
-# restricted loading of optimizer states (MXNet writes them with pickle)
-_ALLOWED_GLOBALS = {
-    ("mxnet.ndarray.ndarray", "NDArray"),
-    ("builtins", "bytearray"), ("builtins", "set"), ("builtins", "frozenset"),
-    ("builtins", "slice"), ("builtins", "complex"),
-    ("collections", "OrderedDict"), ("collections", "defaultdict"),
-    ("copyreg", "_reconstructor"), ("builtins", "object"),
-    ("numpy", "dtype"), ("numpy", "ndarray"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-}
-# Optimizer and LR-scheduler classes are admitted by module, but only real subclasses.
-_OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer")
-_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler", "vgg_gluon.optim")
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module in _OPTIMIZER_MODULES or module in _SCHEDULER_MODULES:
-            import mxnet as mx
-            obj = super().find_class(module, name)
-            base = mx.optimizer.Optimizer if module in _OPTIMIZER_MODULES else mx.lr_scheduler.LRScheduler
-            if isinstance(obj, type) and issubclass(obj, base):
-                return obj
-        raise pickle.UnpicklingError(f"refused to load '{module}.{name}'")
-
-
-def safe_unpickle_states(data: bytes, path: Path) -> Any:
-    """Unpickle optimizer states admitting only optimizer, scheduler, NDArray and plain data."""
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as exc:
-        if not str(exc).startswith("refused to load"):  # e.g. "pickle data was truncated"
-            raise CheckpointError(f"{path}: optimizer state file is corrupted ({exc})") from None
-        raise CheckpointError(
-            f"{path}: not loaded, it is not a plain MXNet optimizer state file ({exc})") from None
-    except Exception as exc:  # truncated/corrupt pickles raise many types
-        raise CheckpointError(f"{path}: optimizer state file is corrupted ({type(exc).__name__})") from None
-
-
-def load_trainer_states(trainer, path: Path) -> None:
-    """Equivalent of `Trainer.load_states`, but through the restricted unpickler.
-
-    MXNet's own `load_states` calls `pickle.loads` on the file, which would run any code in it;
-    here the validated object is handed to the updaters directly (mxnet 1.9.1 internals, pinned).
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-    states = safe_unpickle_states(data, path)
-    if not (isinstance(states, tuple) and len(states) == 2 and isinstance(states[0], dict)):
-        raise CheckpointError(f"{path}: not an MXNet optimizer state file (no optimizer saved in it)")
-    state_dict, optimizer = states
-    import mxnet as mx
-    if not isinstance(optimizer, mx.optimizer.Optimizer):
-        raise CheckpointError(f"{path}: not an MXNet optimizer state file")
-    if not trainer._kv_initialized:
-        trainer._init_kvstore()
-    if trainer._params_to_init:
-        trainer._init_params()
-    if set(state_dict) - set(range(len(trainer._params))):
-        raise CheckpointError(f"{path}: optimizer state is for another network "
-                              f"({len(state_dict)} entries, network has {len(trainer._params)} parameters)")
-    expected = type(trainer._optimizer).__name__
-    if type(optimizer).__name__ != expected:
-        raise CheckpointError(f"{path}: holds a {type(optimizer).__name__} optimizer state, "
-                              f"this run uses {expected}")
-
-    def _install(updater, states_obj, opt):
-        updater.states, updater.optimizer = states_obj, opt
-        updater.states_synced = dict.fromkeys(updater.states.keys(), False)
-
-    if trainer._update_on_kvstore:
-        updater = getattr(trainer._kvstore, "_updater", None)
-        if updater is None:
-            raise CheckpointError(f"{path}: optimizer state lives on the parameter servers with "
-                                  "this kvstore and cannot be restored into it")
-        _install(updater, state_dict, optimizer)
-    else:
-        # Every device's updater gets its own copy (states are moved to its device lazily).
-        for i, updater in enumerate(trainer._updaters):
-            _install(updater, state_dict if i == 0 else safe_unpickle_states(data, path), optimizer)
-    trainer._optimizer = optimizer
-    optimizer.param_dict = {i: p for i, p in enumerate(trainer._params)}
 
 
 # ---------------------------------------------------------------------------------------------

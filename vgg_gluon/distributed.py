@@ -237,20 +237,12 @@ class DistContext:
 
     # -- trainer --------------------------------------------------------------------------------
     def make_trainer(self, net, cfg: RunConfig, steps_per_epoch: int) -> DistTrainer:
-        from vgg_gluon.optim import make_lr_scheduler
-        # async: the servers count one update per worker push.
+        from vgg_gluon.optim import make_trainer
+        # async: the servers count one update per worker push, and unpickle MXNet's own classes.
         iters = steps_per_epoch * (1 if self.sync else self.num_workers)
-        schedule = make_lr_scheduler(cfg, iters) if self.sync else mxnet_lr_scheduler(cfg, iters)
-        opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": schedule}
-        if cfg.optimizer in ("sgd", "nag"):
-            opt_params["momentum"] = cfg.momentum
-        if getattr(cfg, "dtype", "float32") == "float16":
-            opt_params["multi_precision"] = True  # as engine.make_trainer
-        trainer = DistTrainer(net.collect_params(), cfg.optimizer, opt_params, kvstore=self.kv,
-                              update_on_kvstore=not self.sync, num_workers=self.num_workers)
-        if getattr(cfg, "amp", False):
-            from mxnet.contrib import amp
-            amp.init_trainer(trainer)
+        trainer = make_trainer(net, cfg, iters, schedule=None if self.sync else mxnet_lr_scheduler(cfg, iters),
+                               trainer_cls=DistTrainer, kvstore=self.kv, update_on_kvstore=not self.sync,
+                               num_workers=self.num_workers)
         if not self.sync:
             # The servers get the optimizer now, with the gradient scale of every later step
             # (MXNet refuses a different scale afterwards in this mode).

@@ -15,7 +15,7 @@ from vgg_gluon import data as data_mod
 from vgg_gluon import models, report
 from vgg_gluon.config import RunConfig
 from vgg_gluon.errors import mxnet_error_reason
-from vgg_gluon.optim import make_lr_scheduler  # noqa: F401  (also engine.make_lr_scheduler)
+from vgg_gluon.optim import install_schedule, make_lr_scheduler, make_trainer  # noqa: F401  (re-exported)
 from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
 
 log = logging.getLogger(__name__)
@@ -60,20 +60,6 @@ class Partial:
 
 # ------------------------------------------------------------------------------------------------
 # building blocks
-def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, kvstore: Optional[str] = None):
-    opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": make_lr_scheduler(cfg, iters_per_epoch)}
-    if cfg.optimizer in ("sgd", "nag"):
-        opt_params["momentum"] = cfg.momentum
-    if cfg.dtype == "float16":
-        opt_params["multi_precision"] = True  # float32 master weights and updates
-    trainer = gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params,
-                            kvstore=kvstore or cfg.kvstore)
-    if cfg.amp:
-        from mxnet.contrib import amp
-        amp.init_trainer(trainer)  # dynamic loss scaling; skips steps whose gradients overflow
-    return trainer
-
-
 def init_amp(target_precision_ops=None) -> None:
     """MXNet AMP: patch the operator namespaces to float16 (once, before any network is built).
 
@@ -239,6 +225,11 @@ class Session:
     dist: Any = None                 # distributed.DistContext with a dist_* kvstore, else None
 
     @property
+    def is_writer(self) -> bool:
+        """This process writes the run folder: always, except distributed workers other than rank 0."""
+        return self.dist is None or self.dist.is_writer
+
+    @property
     def num_classes(self) -> int:
         return len(self.dataset.classes)
 
@@ -368,7 +359,7 @@ def _params_finite(net) -> bool:
 
 def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Partial] = None,
         best_acc: float = -1.0, on_progress=None, on_epoch=None,
-        should_stop: Optional[Callable[[], bool]] = None, is_writer: bool = True) -> FitResult:
+        should_stop: Optional[Callable[[], bool]] = None) -> FitResult:
     """Train epochs start_epoch+1 .. cfg.epochs, committing a checkpoint after each.
 
     Epoch e's data order, augmentation and dropout seed depend only on (seed, e), so a resumed run
@@ -386,7 +377,7 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
             from vgg_gluon.distributed import statistics_before_mid_epoch_save
             statistics_before_mid_epoch_save(s)  # BatchNorm: one set over devices (and sync workers)
             c = None
-            if is_writer and _params_finite(s.net):
+            if s.is_writer and _params_finite(s.net):
                 c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer,
                                              checkpoint_meta(s, {}, best_acc, stop.partial),
                                              epoch=epoch - 1, step=stop.partial.step, keep_last=cfg.keep_last)
@@ -413,7 +404,7 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
         is_best = select_acc > best_acc
         best_acc = max(best_acc, select_acc)
         c = None
-        if is_writer:
+        if s.is_writer:
             if not _params_finite(s.net):
                 return FitResult("nonfinite", epoch - 1, None, best_acc,
                                  f"parameters became NaN/Inf in epoch {epoch}: not saved; lower --lr")

@@ -41,3 +41,7 @@ def mxnet_error_reason(exc: BaseException, prefer: Sequence[str] = ()) -> str:
     if reason.startswith("Check failed:"):
         reason = reason.rsplit(": ", 1)[-1]  # drop the C++ condition, keep the message
     return reason
+
+
+class CheckpointError(UserError):
+    """A run folder, checkpoint or optimizer state file that cannot be used as it is."""

@@ -1,4 +1,6 @@
-"""The learning-rate schedule: linear warmup, then constant / step / cosine, per iteration.
+"""The optimizer of a run: its parameters, the learning-rate schedule (linear warmup, then
+constant / step / cosine, per iteration) and the Trainer, the same for one device, several
+devices and the workers of a parameter server.
 
 gluoncv's `LRScheduler` and `LRSequential` compute the shapes; `PhaseScheduler` only makes a phase
 of a single iteration (or less) well defined, where gluoncv divides by zero (`cos(pi * T / N)`
@@ -7,11 +9,14 @@ phase. Every other value is gluoncv's, to the last bit.
 """
 from __future__ import annotations
 
+from typing import Any, Dict
+
 from vgg_gluon.config import RunConfig
 from vgg_gluon.runtime import import_mxnet
 
 import_mxnet()  # thread settings first: gluoncv imports mxnet
 from gluoncv.utils import LRScheduler, LRSequential  # noqa: E402
+from mxnet import gluon  # noqa: E402
 
 
 class PhaseScheduler(LRScheduler):
@@ -39,3 +44,33 @@ def make_lr_scheduler(cfg: RunConfig, iters_per_epoch: int) -> LRSequential:
     parts.append(PhaseScheduler(cfg.lr_schedule, base_lr=cfg.lr, target_lr=0.0, nepochs=cfg.epochs - warm,
                                 iters_per_epoch=iters_per_epoch, **kwargs))
     return LRSequential(parts)
+
+
+def optimizer_params(cfg: RunConfig, iters_per_epoch: int, schedule=None) -> Dict[str, Any]:
+    """What gluon.Trainer's optimizer gets: weight decay, the schedule, momentum for sgd/nag and,
+    for float16 weights, float32 master weights (multi_precision)."""
+    params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": schedule or make_lr_scheduler(cfg, iters_per_epoch)}
+    if cfg.optimizer in ("sgd", "nag"):
+        params["momentum"] = cfg.momentum
+    if cfg.dtype == "float16":
+        params["multi_precision"] = True  # float32 master weights and updates
+    return params
+
+
+def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, *, schedule=None, trainer_cls=None,
+                 **trainer_kwargs):
+    """The run's Trainer (gluon.Trainer, or a subclass such as distributed.DistTrainer), with AMP's
+    dynamic loss scaling when the run uses AMP. Call it after the parameters are initialized on
+    every context."""
+    trainer_kwargs.setdefault("kvstore", cfg.kvstore)
+    trainer = (trainer_cls or gluon.Trainer)(net.collect_params(), cfg.optimizer,
+                                             optimizer_params(cfg, iters_per_epoch, schedule), **trainer_kwargs)
+    if cfg.amp:
+        from mxnet.contrib import amp
+        amp.init_trainer(trainer)  # dynamic loss scaling; skips steps whose gradients overflow
+    return trainer
+
+
+def install_schedule(trainer, cfg: RunConfig, iters_per_epoch: int) -> None:
+    """Put the settings' schedule into a trainer whose optimizer state was loaded (at its update count)."""
+    trainer._optimizer.lr_scheduler = make_lr_scheduler(cfg, iters_per_epoch)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from vgg_gluon.checkpoint import atomic_write, atomic_write_text
+from vgg_gluon.fsutil import atomic_write, atomic_write_text
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc",
                   "lr", "seconds", "img_per_s", "eval_img_per_s"]

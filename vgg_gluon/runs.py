@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from vgg_gluon import report
-from vgg_gluon.checkpoint import MARKER, TMP_PREFIX, atomic_write_text, list_checkpoints
+from vgg_gluon.checkpoint import MARKER, list_checkpoints
+from vgg_gluon.fsutil import TMP_PREFIX, atomic_write_text
 
 log = logging.getLogger(__name__)
 
