@@ -184,7 +184,7 @@ def test_shards_of_a_step_are_the_single_process_batch():
     shards = [BatchLoader(split, local, [mx.cpu()], shard=(r, workers), **kw) for r in range(workers)]
     assert all(len(s) == len(one) for s in shards)
     for epoch in (1, 2):
-        idx1, off1, flip1 = one._plan(epoch)
+        idx1, off1, flip1, _ = one._plan(epoch)
         plans = [s._plan(epoch) for s in shards]
         for t in range(len(one)):
             batch = slice(t * local * workers, (t + 1) * local * workers)

@@ -40,7 +40,7 @@ def _trainable(net):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_spec_eager_hybrid_summary(arch, batch_norm, channels):
     mx.random.seed(42)
-    net = M.build_vgg(arch, 10, width=TINY, batch_norm=batch_norm, fc_units=32)
+    net = M.build_vgg(arch, 10, width=TINY, batch_norm=batch_norm, fc_units=32, in_channels=channels)
     M.initialize(net, [CTX], seed=42)
     x = _input((2, channels, 32, 32))
 
@@ -218,3 +218,41 @@ def test_vgg_block_halves_and_names_children():
     block.hybridize()
     assert block(mx.nd.zeros((1, 3, 10, 12))).shape == (1, 8, 5, 6)
     mx.nd.waitall()
+
+
+def test_archs_of_the_config_are_the_spec_table():
+    from vgg_gluon.config import ACTIVATIONS, ARCHS
+    assert set(ARCHS) == set(M.VGG_SPECS) and set(M.LAYOUTS) <= set(ARCHS)
+    assert ACTIVATIONS == M.ACTIVATIONS
+
+
+def test_classic_rows_are_unchanged():
+    # The paper's configurations (and with them the tutorial .params mapping) stay as they were.
+    assert M.VGG_SPECS["vgg11"] == ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
+    assert M.VGG_SPECS["vgg19"] == ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512))
+    assert all(M.layout(a) == M.Layout() for a in M.CLASSIC_ARCHS)
+    names = [n.split("_", 1)[1] for n in M.build_vgg("vgg11", 10, width=TINY, batch_norm=True).collect_params()]
+    assert names[:3] == ["features_block1_conv0_weight", "features_block1_batchnorm0_gamma",
+                         "features_block1_batchnorm0_beta"]
+    assert names[-2:] == ["classifier_dense2_weight", "classifier_dense2_bias"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_row_layout(channels):
+    """fast3: 2x2 stem with 2*C*4 filters, pool after each block's first conv, one Dense, 1/9."""
+    net = M.build_vgg("fast3", 10, width=0.125, batch_norm=True, in_channels=channels,
+                      opts=M.LayerOptions(activation="gelu", bn_scale=False, bn_momentum=0.4, dirac_init=True))
+    M.initialize(net, [CTX], seed=0)
+    x = _input((2, channels, 28, 28))
+    assert net(x).shape == (2, 10)
+    assert net.stem_conv.weight.shape == (2 * channels * 4, channels, 2, 2)
+    shapes = dict(_layer_shapes(net, x[:1]))
+    assert shapes["features.stem.conv"] == (1, 8 * channels, 27, 27)
+    assert shapes["features.block1.pool"] == (1, 8, 13, 13) and shapes["features.block3.act2"] == (1, 32, 3, 3)
+    bn = [p for n, p in net.collect_params().items() if n.endswith("_gamma")]
+    assert bn and all(p.grad_req == "null" for p in bn)  # --no-bn-scale: only the shift trains
+    # Identity (dirac) init: block2.conv2's first filters pass their own channel through.
+    w = net.features[2][4].weight.data().asnumpy()
+    assert w[0, 0, 1, 1] == 1 and w[0, 1, 1, 1] == 0 and w[0, 0, 0, 0] == 0
+    with pytest.raises(ValueError, match="too small"):
+        net(_input((1, channels, 8, 8)))

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PARAMS, STATES, META, MANIFEST = "model.params", "trainer.states", "meta.json", "MANIFEST.json"
+#: Files a checkpoint may hold besides the three above (a technique's state, e.g. lookahead).
+OPTIONAL_FILES = frozenset({"lookahead.params"})
 CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{5,}))?$")
 
 
@@ -137,7 +139,8 @@ def verify(ckpt: Checkpoint) -> None:
     manifest = read_json(ckpt.file(MANIFEST))
     _check_format(ckpt.file(MANIFEST), manifest.get("format_version"))
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != {PARAMS, STATES, META}:
+    if (not isinstance(files, dict) or not {PARAMS, STATES, META} <= set(files)
+            or set(files) - {PARAMS, STATES, META} - OPTIONAL_FILES):
         raise CheckpointError(f"{ckpt.file(MANIFEST)}: incomplete manifest")
     for name, entry in files.items():
         path = ckpt.file(name)
@@ -298,8 +301,10 @@ def _best_key(ckpt: Checkpoint) -> float:
 
 
 def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch: int, step: int = 0,
-                    is_best: bool = False, keep_last: int = 3) -> Checkpoint:
-    """Commit one checkpoint atomically, move the pointers, then apply retention."""
+                    is_best: bool = False, keep_last: int = 3, extras=None) -> Checkpoint:
+    """Commit one checkpoint atomically, move the pointers, then apply retention.
+
+    extras: {file name (one of OPTIONAL_FILES): writer(path)}, written and listed in the manifest."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(epoch, step)
     tmp = run_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -313,8 +318,12 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
         meta = dict(meta, format_version=FORMAT_VERSION, epoch=epoch, step=step,
                     saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         _write_fsync(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        for name, writer in (extras or {}).items():
+            assert name in OPTIONAL_FILES, name
+            writer(tmp / name)
+            fsync_file(tmp / name)
         files = {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
-                 for n in (PARAMS, STATES, META)}
+                 for n in (PARAMS, STATES, META, *(extras or {}))}
         _write_fsync(tmp / MANIFEST, json.dumps({"format_version": FORMAT_VERSION, "files": files},
                                                  indent=2, sort_keys=True).encode())
         fsync_dir(tmp)

@@ -16,9 +16,11 @@ import yaml
 from vgg_gluon.errors import UserError
 
 DATASETS = ("fashion-mnist", "cifar10")
-ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
+ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "fast3", "fast3s")  # = models.VGG_SPECS (a test checks)
 OPTIMIZERS = ("sgd", "nag", "adam")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
+ACTIVATIONS = ("relu", "gelu")
+TTA_MODES = ("none", "flip", "flip-translate")
 KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
 DTYPES = ("float32", "float16")
 
@@ -78,6 +80,9 @@ class RunConfig:
                                         group="data", kind=int)
     augment_crop: int = setting(0, "Random crop of the image zero-padded by N px (0 = off).", group="augment")
     augment_flip: bool = setting(False, "Random horizontal flip.", group="augment")
+    alternate_flip: bool = setting(False, "Derandomized flip (airbench94): each image's random flip of epoch 1, "
+                                   "inverted every other epoch (needs --augment-flip).", group="augment")
+    augment_cutout: int = setting(0, "Cutout: zero an N x N square at a random place (0 = off).", group="augment")
     val_split: float = setting(0.0, "Hold out this fraction of the training set for validation; 'best' is "
                                "then chosen on it.", group="data")
     train_limit: Optional[int] = setting(None, "Use only the first N training images.", group="data", kind=int)
@@ -96,11 +101,23 @@ class RunConfig:
                          "weights (multi_precision); for GPUs.", group="optim", choices=DTYPES)
     amp: bool = setting(False, "MXNet automatic mixed precision (float16 per operator, dynamic loss "
                         "scaling); for GPUs.", group="optim")
+    activation: str = setting("relu", "Activation of the convolutions (the dense head stays relu).", group="model",
+                              choices=ACTIVATIONS)
+    bn_scale: bool = setting(True, "BatchNorm learns a scale (off: only its shift, as airbench94).", group="model")
+    bn_momentum: float = setting(0.9, "BatchNorm running-average momentum, Gluon's convention (airbench94: "
+                                 "0.4, PyTorch's 0.6).", group="model")
+    whiten: bool = setting(False, "Initialize the 2x2 patch stem (fast3, fast3s) from the training data's patch "
+                           "covariance, frozen.", group="model")
     # optimization
     epochs: int = setting(10, "Total epochs of the run.", group="optim")
     batch_size: int = setting(128, "Global batch size, split across devices.", group="optim")
     optimizer: str = setting("sgd", "Optimizer.", group="optim", choices=OPTIMIZERS)
     lr: float = setting(0.05, "Peak learning rate.", group="optim")
+    lr_base_batch: Optional[int] = setting(None, "--lr is per N images: the LR used is lr x batch-size / N "
+                                           "(default: --lr as is).", group="optim", kind=int)
+    bias_lr_mult: float = setting(1.0, "LR multiplier of BatchNorm and bias parameters.", group="optim")
+    no_wd_bias: bool = setting(False, "No weight decay on BatchNorm and bias parameters.", group="optim",
+                               option="--no-wd-bias")
     momentum: float = setting(0.9, "Momentum for sgd/nag.", group="optim")
     wd: float = setting(5e-4, "Weight decay.", group="optim")
     lr_schedule: str = setting("cosine", "Per-iteration schedule after the warmup.", group="optim",
@@ -110,6 +127,14 @@ class RunConfig:
                                   "e.g. 15,25.", group="optim", factory=list)
     lr_factor: float = setting(0.1, "Step schedule factor.", group="optim")
     label_smoothing: float = setting(0.0, "Label smoothing epsilon.", group="optim")
+    lookahead: bool = setting(False, "Lookahead (airbench94): an EMA of the weights copied back every "
+                              "--lookahead-every steps.", group="optim")
+    lookahead_every: int = setting(5, "Steps between lookahead updates.", group="optim")
+    lookahead_decay: float = setting(0.95, "Lookahead per-step decay (the update uses decay**every * (t/T)**3).",
+                                     group="optim")
+    lookahead_start: float = setting(0.3, "Fraction of the run before lookahead starts.", group="optim")
+    eval_tta: str = setting("none", "Test-time augmentation of the per-epoch evaluation.", group="optim",
+                            choices=TTA_MODES)
     seed: int = setting(42, "Seed for initialization, data order, augmentation and dropout.", group="optim")
     # devices and run folder
     ctx: str = setting("auto", "Devices: auto, cpu, gpu, gpu:0,1 or cpu:0,1 (auto: all GPUs, else the CPU).",
@@ -161,6 +186,10 @@ class RunConfig:
     def from_yaml(cls, path: Path) -> "RunConfig":
         return cls.from_dict(load_yaml(path), source=str(path))
 
+    def effective_lr(self) -> float:
+        """The peak LR used: lr, scaled linearly to the batch size when lr_base_batch is set."""
+        return self.lr * self.batch_size / self.lr_base_batch if self.lr_base_batch else self.lr
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -181,6 +210,24 @@ class RunConfig:
             parse_ctx(self.ctx)
         except RuntimeSetupError as exc:   # a malformed value is bad usage; a missing GPU is not (resolve_ctx)
             raise SettingError("ctx", str(exc)) from None
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("eval_tta", self.eval_tta, TTA_MODES)
+        if self.lookahead and self.kvstore == "dist_async":
+            raise SettingError("lookahead", "needs one set of weights per step: not with kvstore dist_async",
+                               ("kvstore",))
+        if self.alternate_flip and not self.augment_flip:
+            raise SettingError("alternate_flip", "changes how images are flipped: use it with augment_flip",
+                               ("augment_flip",))
+        if self.whiten and self.arch in ("vgg11", "vgg13", "vgg16", "vgg19"):
+            raise SettingError("whiten", f"initializes a patch stem, which {self.arch} has not: use arch fast3 "
+                               "or fast3s", ("arch",))
+        for name in ("bn_momentum", "lookahead_decay", "lookahead_start"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        _positive("lookahead_every", self.lookahead_every)
+        _positive("bias_lr_mult", self.bias_lr_mult)
+        if self.lr_base_batch is not None:
+            _positive("lr_base_batch", self.lr_base_batch)
         if self.amp and self.dtype != "float32":
             raise SettingError("amp", "keeps float32 weights and casts per operator: use it with dtype float32",
                                ("dtype",))
@@ -194,7 +241,7 @@ class RunConfig:
         for name in ("dropout", "val_split", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("momentum", "wd", "warmup_epochs", "augment_crop"):
+        for name in ("momentum", "wd", "warmup_epochs", "augment_crop", "augment_cutout"):
             if getattr(self, name) < 0:
                 raise SettingError(name, f"must not be negative, got {getattr(self, name)}")
         if self.momentum >= 1:

@@ -15,7 +15,7 @@ from vgg_gluon import data as data_mod
 from vgg_gluon import models, report
 from vgg_gluon.config import RunConfig
 from vgg_gluon.errors import mxnet_error_reason
-from vgg_gluon.optim import install_schedule, make_lr_scheduler, make_trainer  # noqa: F401  (re-exported)
+from vgg_gluon.optim import install_schedule, make_lr_scheduler, make_trainer, set_param_multipliers  # noqa: F401
 from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,8 @@ def _sum_scalars(arrays) -> float:
 def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: int,
                     label_smoothing: float = 0.0, partial: Optional[Partial] = None,
                     log_interval: int = 20, on_progress: Optional[Callable[[Progress], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None, seed: Optional[int] = None
-                    ) -> Dict[str, float]:
+                    should_stop: Optional[Callable[[], bool]] = None, seed: Optional[int] = None,
+                    after_step: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
     """Train for one epoch (from `partial.step` on) and return its metrics.
 
     Loss and accuracy are summed on the devices and read every `log_interval` steps; the only
@@ -137,6 +137,8 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
             autograd.backward(losses)
         n = sum(x.shape[0] for x in data)
         trainer.step(n)
+        if after_step is not None:
+            after_step(int(trainer._optimizer.num_update))
         step_loss = []
         for i, (o, y, lo) in enumerate(zip(outs, labels, losses)):
             s = lo.sum()
@@ -176,16 +178,22 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
             "lr": current_lr(trainer)}
 
 
-def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
-    """Accuracy, mean loss, per-class accuracy, confusion matrix and img/s over one split."""
+def evaluate(net, loader, num_classes: int, loss_fn=None, tta: str = "none") -> Dict[str, Any]:
+    """Accuracy, mean loss, per-class accuracy, confusion matrix and img/s over one split.
+
+    tta: none | flip | flip-translate (fasttrain.tta_logits); the result says which ("tta")."""
+    from vgg_gluon.fasttrain import tta_logits
     loss_fn = loss_fn or gluon.loss.SoftmaxCrossEntropyLoss()
     t0 = time.time()
     loss_sums, preds, truths, in_top = [], [], [], []
     in_dtype = input_dtype(net)
     top_k = min(5, num_classes)
+
+    def forward(v):
+        return net(v.astype(in_dtype, copy=False)).astype("float32", copy=False)
     for data, labels in loader.epoch(0):
         for x, y in zip(data, labels):
-            out = net(x.astype(in_dtype, copy=False)).astype("float32", copy=False)
+            out = tta_logits(forward, x, tta)
             loss_sums.append(loss_fn(out, y).sum())
             preds.append(out.argmax(axis=1).as_in_context(mx.cpu()))
             truths.append(y.as_in_context(mx.cpu()))
@@ -203,7 +211,7 @@ def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
     return {"loss": loss_total / max(n, 1), "acc": float((pred == true).mean()) if n else float("nan"),
             "top5_acc": top_hits / n if n else float("nan"), "top_k": top_k,
             "samples": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9),
-            "per_class_acc": per_class, "confusion": confusion.tolist()}
+            "per_class_acc": per_class, "confusion": confusion.tolist(), "tta": tta}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,6 +231,7 @@ class Session:
     loss_fn: Any = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     dist: Any = None                 # distributed.DistContext with a dist_* kvstore, else None
+    lookahead: Any = None            # fasttrain.Lookahead when cfg.lookahead
 
     @property
     def is_writer(self) -> bool:
@@ -269,8 +278,7 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         dataset = data_mod.load_dataset(
             cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, train_limit=cfg.train_limit,
             test_limit=cfg.test_limit, val_split=cfg.val_split, seed=cfg.seed)
-    net = models.build_vgg(cfg.arch, len(dataset.classes), width=cfg.width, batch_norm=cfg.batch_norm,
-                           fc_units=cfg.fc_units, dropout=cfg.dropout)
+    net = build_network(cfg, len(dataset.classes))
     s = Session(cfg, ctx_list, dataset, net, dist=dist)
     shape = s.input_shape
     if isinstance(params_source, ckpt_mod.Checkpoint):
@@ -281,6 +289,14 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         s.foreign_report = foreign.load_params_any(net, Path(params_source), ctx_list, input_shape=shape)
     else:
         models.initialize(net, ctx_list, seed=cfg.seed)
+        if cfg.whiten:  # a fresh run: filters from the training data (a checkpoint brings its own)
+            from vgg_gluon import fasttrain
+            models.materialize(net, ctx_list[0], shape)
+            fasttrain.whiten_stem(net, _whitening_images(dataset, cfg))
+    if cfg.whiten:
+        from vgg_gluon import fasttrain
+        fasttrain.freeze_stem(net)
+    set_param_multipliers(net, cfg)
     if cfg.dtype != "float32":
         net.cast(cfg.dtype)  # BatchNorm keeps float32 parameters (Gluon's BatchNorm.cast)
     if cfg.hybridize:
@@ -307,7 +323,8 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
                 (dist.rank, dist.num_workers)
         s.train_loader = data_mod.BatchLoader(
             dataset.train, batch, ctx_list, train=True, augment_crop_pad=cfg.augment_crop,
-            augment_flip=cfg.augment_flip, seed=cfg.seed, shard=shard, **common)
+            augment_flip=cfg.augment_flip, seed=cfg.seed, shard=shard, alternate_flip=cfg.alternate_flip,
+            augment_cutout=cfg.augment_cutout, **common)
         if len(s.train_loader) == 0:
             from vgg_gluon.config import ConfigError
             raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
@@ -318,7 +335,36 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
             s.trainer = dist.make_trainer(net, cfg, len(s.train_loader))
         else:
             s.trainer = make_trainer(net, cfg, len(s.train_loader))
+        if cfg.lookahead:
+            s.lookahead = make_lookahead(net, cfg, len(s.train_loader))
     return s
+
+
+def make_lookahead(net, cfg: RunConfig, steps_per_epoch: int):
+    """The run's lookahead, its start and horizon in optimizer updates (rebuilt on resume)."""
+    from vgg_gluon.fasttrain import Lookahead
+    total = cfg.epochs * steps_per_epoch
+    return Lookahead(net, every=cfg.lookahead_every, decay=cfg.lookahead_decay,
+                     start_update=int(cfg.lookahead_start * total), total_updates=total)
+
+
+def build_network(cfg: RunConfig, num_classes: int):
+    """The run's network (architecture and the layer options of its recipe), not initialized."""
+    opts = models.LayerOptions(activation=cfg.activation, bn_scale=cfg.bn_scale, bn_momentum=cfg.bn_momentum,
+                               dirac_init=cfg.arch in models.LAYOUTS)
+    return models.build_vgg(cfg.arch, num_classes, width=cfg.width, batch_norm=cfg.batch_norm,
+                            fc_units=cfg.fc_units, dropout=cfg.dropout, opts=opts,
+                            in_channels=data_mod.num_channels(cfg.dataset))
+
+
+def _whitening_images(dataset, cfg: RunConfig) -> np.ndarray:
+    """The first images of the training split as the network sees them (normalized, padded;
+    no augmentation), NCHW float32 on the CPU."""
+    from vgg_gluon.fasttrain import WHITEN_IMAGES
+    x = mx.nd.array(dataset.train.images[:WHITEN_IMAGES], ctx=mx.cpu(), dtype=np.uint8)
+    y = data_mod.transform_batch(x, mean=dataset.mean, std=dataset.std, pad_to=data_mod.native_size(cfg.dataset),
+                                 image_size=cfg.image_size)
+    return y.asnumpy()
 
 
 def load_checkpoint_params(net, path: Path, ctx_list) -> None:
@@ -339,6 +385,25 @@ def checkpoint_meta(s: Session, metrics: Dict[str, Any], best_acc: float, partia
     if partial is not None:
         meta["partial"] = partial.__dict__
     return meta
+
+
+def checkpoint_extras(s: Session) -> Dict[str, Callable[[Path], None]]:
+    """Files a checkpoint holds besides weights, optimizer state and metadata."""
+    if s.lookahead is None:
+        return {}
+    from vgg_gluon.fasttrain import LOOKAHEAD_FILE
+    return {LOOKAHEAD_FILE: s.lookahead.save}
+
+
+def restore_extras(s: Session, c) -> None:
+    """Resume: the lookahead state of checkpoint `c` (a run with lookahead must have one)."""
+    if s.lookahead is None:
+        return
+    from vgg_gluon.fasttrain import LOOKAHEAD_FILE
+    path = c.file(LOOKAHEAD_FILE)
+    if not path.is_file():
+        raise ckpt_mod.CheckpointError(f"{path}: missing (this run uses lookahead)")
+    s.lookahead.load(path)
 
 
 @dataclass
@@ -372,7 +437,8 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
             m = train_one_epoch(s.net, s.trainer, s.train_loader, s.loss_fn, epoch=epoch,
                                 num_classes=s.num_classes, label_smoothing=cfg.label_smoothing,
                                 partial=partial, log_interval=cfg.log_interval,
-                                on_progress=on_progress, should_stop=should_stop, seed=cfg.seed)
+                                on_progress=on_progress, should_stop=should_stop, seed=cfg.seed,
+                                after_step=s.lookahead.after_step if s.lookahead is not None else None)
         except StopRequested as stop:
             from vgg_gluon.distributed import statistics_before_mid_epoch_save
             statistics_before_mid_epoch_save(s)  # BatchNorm: one set over devices (and sync workers)
@@ -380,23 +446,30 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
             if s.is_writer and _params_finite(s.net):
                 c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer,
                                              checkpoint_meta(s, {}, best_acc, stop.partial),
-                                             epoch=epoch - 1, step=stop.partial.step, keep_last=cfg.keep_last)
+                                             epoch=epoch - 1, step=stop.partial.step, keep_last=cfg.keep_last,
+                                             extras=checkpoint_extras(s))
             return FitResult("stopped", epoch - 1, c, best_acc,
                              f"stopped in epoch {epoch} after step {stop.partial.step}")
         except NonFiniteLoss as exc:
             return FitResult("nonfinite", epoch - 1, None, best_acc, str(exc))
         partial = None
+        if s.lookahead is not None:
+            s.lookahead.epoch_end()  # the network takes the slow weights
         if s.dist is not None:  # same weights, BN statistics and train metrics on every worker
             m = s.dist.epoch_end(s.net, s.trainer, m, epoch)
         elif len(s.ctx_list) > 1:  # BatchNorm statistics: one set per device until now
             from vgg_gluon.distributed import average_device_copies
             average_device_copies(s.net)
-        test = evaluate(s.net, s.eval_loader, s.num_classes)
+        if s.lookahead is not None:
+            s.lookahead.sync_from_net()
+        test = evaluate(s.net, s.eval_loader, s.num_classes, tta=cfg.eval_tta)
         row = {"epoch": epoch, **{k: m[k] for k in ("train_loss", "train_acc")},
                "test_loss": test["loss"], "test_acc": test["acc"]}
+        if cfg.eval_tta != "none":
+            row["tta"] = cfg.eval_tta
         select_acc = test["acc"]
         if s.val_loader is not None:
-            val = evaluate(s.net, s.val_loader, s.num_classes)
+            val = evaluate(s.net, s.val_loader, s.num_classes, tta=cfg.eval_tta)
             row.update(val_loss=val["loss"], val_acc=val["acc"])
             select_acc = val["acc"]  # choose "best" on validation data when there is some
         row.update(lr=m["lr"], seconds=m["seconds"], img_per_s=m["img_per_s"],
@@ -409,7 +482,8 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
                 return FitResult("nonfinite", epoch - 1, None, best_acc,
                                  f"parameters became NaN/Inf in epoch {epoch}: not saved; lower --lr")
             c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer, checkpoint_meta(s, row, best_acc, None),
-                                         epoch=epoch, is_best=is_best, keep_last=cfg.keep_last)
+                                         epoch=epoch, is_best=is_best, keep_last=cfg.keep_last,
+                                         extras=checkpoint_extras(s))
             s.history = [r for r in s.history if int(r["epoch"]) < epoch] + [row]
             report.write_history(run_dir / "history.csv", s.history)
             try:

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import mxnet as mx
 
 from vgg_gluon.errors import UserError, mxnet_error_reason
-from vgg_gluon.models import VGG, VGG_SPECS, format_width, initialize, materialize, scaled_spec
+from vgg_gluon.models import CLASSIC_ARCHS, VGG, VGG_SPECS, format_width, initialize, materialize, scaled_spec
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _count_hint(net: VGG, count: int, file_has_bn: bool) -> str:
         return "the network uses batch norm but the file has no batch-norm tensors: use --no-batch-norm"
     if file_has_bn and not net.batch_norm:
         return "the file has batch-norm tensors but the network has none: use --batch-norm"
-    for arch, spec in VGG_SPECS.items():
+    for arch, spec in ((a, VGG_SPECS[a]) for a in CLASSIC_ARCHS):  # the tutorial layouts' rows
         if arch != net.arch and _expected_count(sum(n for n, _ in spec), net.batch_norm) == count:
             return f"the file looks like {arch}: use --arch {arch}"
     return "the file is not a VGG of this family"
@@ -366,7 +366,7 @@ def infer_architecture(path: Path) -> Dict[str, Any]:
     out["fc_units"] = int(denses[0][0])
     out["num_classes"] = int(denses[-1][0])
     channels = [int(s[0]) for s in convs]
-    for arch in VGG_SPECS:
+    for arch in CLASSIC_ARCHS:  # the fast rows have no tutorial layout to recognize
         if _spec_from_channels(arch, channels) is not None:
             out["arch"] = arch
             width = _width_for(arch, channels)

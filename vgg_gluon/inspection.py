@@ -89,7 +89,7 @@ def run_num_classes(run_dir: Path) -> Optional[int]:
 def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
     """Build the run's network and load the weights of its `which` (best|last) checkpoint."""
     from vgg_gluon import checkpoint as ck
-    from vgg_gluon import engine, models
+    from vgg_gluon import engine
     mx = engine.mx
     run_dir = Path(run_dir)
     c = ck.select_checkpoint(run_dir, which)
@@ -102,8 +102,7 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
         from vgg_gluon.runtime import resolve_ctx
         ctx = resolve_ctx(ctx)[0]
     ctx = ctx or mx.cpu()
-    net = models.build_vgg(cfg.arch, len(prep["classes"]), width=cfg.width, batch_norm=cfg.batch_norm,
-                           fc_units=cfg.fc_units, dropout=cfg.dropout)
+    net = engine.build_network(cfg, len(prep["classes"]))  # the run's layer options (activation, BN)
     if getattr(cfg, "dtype", "float32") != "float32":
         # A float16 run: its weights are cast to float32 on loading (predict/export/report run
         # anywhere, and an export serves float32 inputs).
@@ -125,7 +124,8 @@ def summary(arch: str, *, width: float, batch_norm: bool, fc_units: Optional[int
     """Per-block (or per-layer) rows for a spec and input size, as plain data."""
     from vgg_gluon import models
     try:
-        net = models.build_vgg(arch, num_classes, width=width, batch_norm=batch_norm, fc_units=fc_units)
+        net = models.build_vgg(arch, num_classes, width=width, batch_norm=batch_norm, fc_units=fc_units,
+                               in_channels=int(input_shape[0]))
         rows = (models.layer_summary if layers else models.block_summary)(net, tuple(input_shape))
     except ValueError as exc:
         raise InspectError(str(exc)) from None

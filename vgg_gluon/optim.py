@@ -1,5 +1,5 @@
 """The optimizer of a run: its parameters, the learning-rate schedule (linear warmup, then
-constant / step / cosine, per iteration) and the Trainer, the same for one device, several
+constant / step / cosine / linear, per iteration) and the Trainer, the same for one device, several
 devices and the workers of a parameter server.
 
 gluoncv's `LRScheduler` and `LRSequential` compute the shapes; `PhaseScheduler` only makes a phase
@@ -31,19 +31,33 @@ class PhaseScheduler(LRScheduler):
 
 def make_lr_scheduler(cfg: RunConfig, iters_per_epoch: int) -> LRSequential:
     """Per-iteration schedule of a run: linear warmup from 0 over `warmup_epochs`, then
-    constant / step / cosine (to 0) over the remaining epochs."""
+    constant / step / cosine / linear (to 0) over the remaining epochs; "linear" after a warmup is
+    the triangular (one-cycle) schedule of the fast-training recipes. The peak is
+    `cfg.effective_lr()` (lr scaled to the batch size when lr_base_batch is set)."""
     warm = cfg.warmup_epochs
+    lr = cfg.effective_lr()
     parts = []
     if warm > 0:
-        parts.append(PhaseScheduler("linear", base_lr=0.0, target_lr=cfg.lr, nepochs=warm,
+        parts.append(PhaseScheduler("linear", base_lr=0.0, target_lr=lr, nepochs=warm,
                                     iters_per_epoch=iters_per_epoch))
     kwargs = {}
     if cfg.lr_schedule == "step":
         kwargs = dict(step_epoch=[s - warm for s in cfg.lr_steps if s > warm] or [cfg.epochs * 10],
                       step_factor=cfg.lr_factor)
-    parts.append(PhaseScheduler(cfg.lr_schedule, base_lr=cfg.lr, target_lr=0.0, nepochs=cfg.epochs - warm,
+    parts.append(PhaseScheduler(cfg.lr_schedule, base_lr=lr, target_lr=0.0, nepochs=cfg.epochs - warm,
                                 iters_per_epoch=iters_per_epoch, **kwargs))
     return LRSequential(parts)
+
+
+def set_param_multipliers(net, cfg: RunConfig) -> None:
+    """BatchNorm shifts/scales and biases: LR x bias_lr_mult, and no weight decay with no_wd_bias
+    (airbench94's separate BN-bias group; gluoncv's --no-wd). Set on the Parameters, which every
+    optimizer (local, devices, dist servers) reads."""
+    for name, p in net.collect_params().items():
+        if name.endswith(("_bias", "_beta", "_gamma")):
+            p.lr_mult = cfg.bias_lr_mult
+            if cfg.no_wd_bias:
+                p.wd_mult = 0.0
 
 
 def optimizer_params(cfg: RunConfig, iters_per_epoch: int, schedule=None) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional
 from vgg_gluon.fsutil import atomic_write, atomic_write_text
 
 HISTORY_FIELDS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc",
-                  "lr", "seconds", "img_per_s", "eval_img_per_s"]
+                  "lr", "seconds", "img_per_s", "eval_img_per_s", "tta"]
 
 
 def write_history(path: Path, rows: List[Dict[str, Any]]) -> None:

@@ -82,6 +82,7 @@ def restore_trainer(session, c: ck.Checkpoint, meta: Dict[str, Any]) -> None:
     from vgg_gluon import engine
     from vgg_gluon.distributed import load_trainer_states
     load_trainer_states(session, c.file(ck.STATES))
+    engine.restore_extras(session, c)   # lookahead's slow weights
     got, want = int(session.trainer._optimizer.num_update), meta.get("num_update")
     if isinstance(want, int) and got != want:
         raise ck.CheckpointError(f"{c.file(ck.STATES)}: optimizer state is from update {got} but {c.name} was "

@@ -98,23 +98,25 @@ def _duration(seconds: float) -> str:
 
 
 def epoch_line(row: Dict[str, Any], epochs: int, is_best: bool) -> str:
+    tta = f" (TTA {row['tta']})" if row.get("tta") else ""
     s = (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-         f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}")
+         f"test{tta} loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}")
     if "val_acc" in row:
         s += f"  val acc {row['val_acc']:.4f}"
     s += f"  {row['seconds']:.1f}s {row['img_per_s']:,.0f} img/s  lr {row['lr']:.4g}"
     return s + ("  *best" if is_best else "")
 
 
-def done_line(o: Dict[str, Any]) -> str:
-    """The last line of a finished run: every figure names its split."""
-    text = f"done: last epoch ({o['last_epoch']}) test accuracy {o['last_test_acc']:.4f}"
+def done_line(o: Dict[str, Any], tta: str = "none") -> str:
+    """The last line of a finished run: every figure names its split (and the TTA, if any)."""
+    t = f" (TTA {tta})" if tta and tta != "none" else ""
+    text = f"done: last epoch ({o['last_epoch']}) test accuracy{t} {o['last_test_acc']:.4f}"
     if o["best_epoch"] is None:
         return text
     if o["best_split"] == "val":
-        return text + (f"; best epoch {o['best_epoch']} by validation accuracy {o['best_acc']:.4f} "
+        return text + (f"; best epoch {o['best_epoch']} by validation accuracy{t} {o['best_acc']:.4f} "
                        f"(test accuracy {o['best_test_acc']:.4f})")
-    return text + f"; best epoch {o['best_epoch']} by test accuracy {o['best_acc']:.4f} (chosen on the test set)"
+    return text + f"; best epoch {o['best_epoch']} by test accuracy{t} {o['best_acc']:.4f} (chosen on the test set)"
 
 
 def resume_hint(run_dir: Path, dist=None) -> str:

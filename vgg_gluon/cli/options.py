@@ -59,7 +59,8 @@ def setting_option(name: str, help: Optional[str] = None):
     opt = option_name(name)
     text = (help or meta["help"]) + ("" if help else _shown_default(name))
     if kind is bool:
-        return click.option(f"{opt}/--no-{opt[2:]}", name, default=None, help=text)
+        off = "--" + opt[5:] if opt.startswith("--no-") else f"--no-{opt[2:]}"   # --no-wd-bias/--wd-bias
+        return click.option(f"{opt}/{off}", name, default=None, help=text)
     if meta.get("choices"):
         typ = choice(meta["choices"])
     elif name in _PATHS:

@@ -31,7 +31,7 @@ from vgg_gluon.cli.options import (
     run_options,
     setting_option,
 )
-from vgg_gluon.config import DATASETS, RunConfig
+from vgg_gluon.config import DATASETS, TTA_MODES, RunConfig
 from vgg_gluon.errors import EXIT_NONFINITE, EXIT_SIGINT, EXIT_SIGTERM
 
 settings_options = combine(data_options, model_options, optim_options, run_options)
@@ -217,7 +217,7 @@ def _finish(session, run_dir: Path, console: Console, result, outcome) -> None:
             console.tb.image("mistakes", run_dir / "mistakes.png", result.epoch)
     if console.tb is not None:
         console.tb.close()
-    console.line(done_line(outcome) + f"; evaluate with `vgg-gluon evaluate {run_dir}`")
+    console.line(done_line(outcome, session.cfg.eval_tta) + f"; evaluate with `vgg-gluon evaluate {run_dir}`")
 
 
 def _infer_from_params(params_path, flags: Dict[str, Any], say: bool = False) -> Dict[str, Any]:
@@ -244,10 +244,14 @@ def _infer_from_params(params_path, flags: Dict[str, Any], say: bool = False) ->
 @click.option("--params", "params_path", type=click.Path(dir_okay=False),
               help="Evaluate a bare .params file (give --dataset; the architecture is read from the file).")
 @eval_options
+@click.option("--tta", type=choice(TTA_MODES), default=None,
+              help="Test-time augmentation: none, flip (image + mirror), flip-translate (also shifted 1 px; "
+                   "airbench94). Default: the run's --eval-tta, else none.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @friendly_errors
-def evaluate(run, which, params_path, as_json, **kwargs):
-    """Accuracy (top-1, top-5), loss, per-class accuracy and confusion matrix on the test set.
+def evaluate(run, which, params_path, as_json, tta, **kwargs):
+    """Accuracy (top-1, top-5), loss, per-class accuracy and confusion matrix on the test set
+    (with test-time augmentation if --tta or the run's --eval-tta asks for it).
 
     \b
     Examples:
@@ -286,7 +290,8 @@ def evaluate(run, which, params_path, as_json, **kwargs):
                                    eval_batch_size=flags.get("batch_size", 256))
     if params_path:
         click.echo(session.foreign_report.message, err=True)
-    result = engine.evaluate(session.net, session.eval_loader, session.num_classes)
+    tta = (tta or cfg.eval_tta).lower()
+    result = engine.evaluate(session.net, session.eval_loader, session.num_classes, tta=tta)
     print_evaluation(source, epoch, cfg, result, list(session.dataset.classes), as_json)
 
 
@@ -294,7 +299,8 @@ def print_evaluation(source, epoch, cfg: RunConfig, result: Dict[str, Any], clas
     """The evaluate command's table or JSON object."""
     counts = [int(sum(row)) for row in result["confusion"]]
     out = {"source": str(source.path if hasattr(source, "path") else source), "epoch": epoch, "split": "test",
-           "dataset": cfg.dataset, "arch": cfg.arch, "accuracy": result["acc"], "top5_accuracy": result["top5_acc"],
+           "dataset": cfg.dataset, "arch": cfg.arch, "tta": result.get("tta", "none"),
+           "accuracy": result["acc"], "top5_accuracy": result["top5_acc"],
            "top_k": result["top_k"], "loss": result["loss"], "samples": result["samples"],
            "img_per_s": result["img_per_s"], "classes": classes,
            "per_class_accuracy": dict(zip(classes, result["per_class_acc"])),
@@ -303,7 +309,9 @@ def print_evaluation(source, epoch, cfg: RunConfig, result: Dict[str, Any], clas
         click.echo(json.dumps(out))
         return
     click.echo(f"{out['source']}" + (f" (epoch {epoch})" if epoch is not None else ""))
-    click.echo(f"{cfg.dataset} test: accuracy {result['acc']:.4f}  top-{result['top_k']} {result['top5_acc']:.4f}  "
+    tta = out["tta"]
+    click.echo(f"{cfg.dataset} test ({'no TTA' if tta == 'none' else 'TTA ' + tta}): accuracy {result['acc']:.4f}  "
+               f"top-{result['top_k']} {result['top5_acc']:.4f}  "
                f"loss {result['loss']:.4f}  {result['samples']} images  {result['img_per_s']:,.0f} img/s")
     click.echo("\nper-class accuracy:")
     width = max(len(c) for c in classes)

@@ -92,7 +92,8 @@ def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarra
 def transform_batch(x: "mx.nd.NDArray", *, mean: Sequence[float], std: Sequence[float],
                     pad_to: Optional[int], image_size: Optional[int], crop_pad: int = 0,
                     crop_offsets: Optional[np.ndarray] = None,
-                    flips: Optional[np.ndarray] = None) -> "mx.nd.NDArray":
+                    flips: Optional[np.ndarray] = None, cutout: int = 0,
+                    cutout_centers: Optional[np.ndarray] = None) -> "mx.nd.NDArray":
     """uint8 (B, H, W, C) -> normalized float32 (B, C, H', W') on x's context.
 
     Semantics, in order: float NCHW -> zero-pad to pad_to (or, if image_size is given,
@@ -133,7 +134,21 @@ def transform_batch(x: "mx.nd.NDArray", *, mean: Sequence[float], std: Sequence[
         y = _zero_pad(y, top, max(pad_to - h, 0) - top, left, max(pad_to - w, 0) - left)
     if do_crop or flip_mask.any():
         y = _crop_flip(y, int(crop_pad) if do_crop else 0, offsets if do_crop else zero_offsets, flip_mask)
-    return mx.nd.broadcast_mul(mx.nd.broadcast_sub(y, m), inv)
+    y = mx.nd.broadcast_mul(mx.nd.broadcast_sub(y, m), inv)
+    if cutout and cutout_centers is not None:
+        y = mx.nd.broadcast_mul(y, _nd_on(cutout_mask(y.shape[2], y.shape[3], cutout, cutout_centers), y.context))
+    return y
+
+
+def cutout_mask(h: int, w: int, size: int, centers: np.ndarray) -> np.ndarray:
+    """(B, 1, H, W) float mask, 0 inside a size x size square at each (cy, cx), clipped at the
+    border (DeVries & Taylor 2017; on normalized images, i.e. the data set's mean colour)."""
+    centers = np.asarray(centers, dtype=np.int64).reshape(-1, 2)
+    lo = size // 2
+    rows, cols = np.arange(h)[None, :], np.arange(w)[None, :]
+    in_r = (rows >= centers[:, :1] - lo) & (rows < centers[:, :1] - lo + size)   # (B, H)
+    in_c = (cols >= centers[:, 1:] - lo) & (cols < centers[:, 1:] - lo + size)   # (B, W)
+    return (~(in_r[:, :, None] & in_c[:, None, :]))[:, None].astype(np.float32)
 
 
 class BatchLoader:
@@ -149,7 +164,8 @@ class BatchLoader:
     def __init__(self, split: Split, batch_size: int, ctx_list: List["mx.Context"], *,
                  mean: Sequence[float], std: Sequence[float], pad_to: Optional[int],
                  image_size: Optional[int], train: bool, augment_crop_pad: int = 0,
-                 augment_flip: bool = False, seed: int = 0, shard: Tuple[int, int] = (0, 1)) -> None:
+                 augment_flip: bool = False, seed: int = 0, shard: Tuple[int, int] = (0, 1),
+                 alternate_flip: bool = False, augment_cutout: int = 0) -> None:
         import mxnet as mx
 
         if not ctx_list:
@@ -167,6 +183,8 @@ class BatchLoader:
         self.train = bool(train)
         self.crop_pad = int(augment_crop_pad) if train else 0
         self.flip = bool(augment_flip) and train
+        self.alternate_flip = bool(alternate_flip) and self.flip
+        self.cutout = int(augment_cutout) if train else 0
         self.seed = int(seed)
         self.rank, self.workers = int(rank), int(workers)
         self._n = len(split)
@@ -190,20 +208,31 @@ class BatchLoader:
         """Samples per epoch actually yielded (by this worker)."""
         return self._per_worker
 
-    def _plan(self, epoch: int) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
-        """This worker's sample indices for the epoch, with crop offsets and flips for each."""
+    def _plan(self, epoch: int):
+        """This worker's sample indices for the epoch, with crop offsets, flips and cutout
+        centers for each."""
         if not self.train:
-            return np.arange(self._n)[self.rank::self.workers], None, None
+            return np.arange(self._n)[self.rank::self.workers], None, None, None
         rng = np.random.default_rng([self.seed, int(epoch)])
         perm = rng.permutation(self._n)
         # Drawn for all N positions before sharding so that every worker, any start_batch and
         # any replay see the same stream.
         offsets = rng.integers(0, 2 * self.crop_pad + 1, size=(self._n, 2)) if self.crop_pad else None
-        flips = rng.random(self._n) < 0.5 if self.flip else None
+        if self.alternate_flip:
+            # airbench94's derandomized flip: a random flip per image in epoch 1, then every
+            # image flipped the other way each epoch (each image seen both ways in 2 epochs).
+            first = np.random.default_rng([self.seed, 0x5EED]).random(self._n) < 0.5
+            flips = (first ^ (int(epoch) % 2 == 0))[perm]
+        else:
+            flips = rng.random(self._n) < 0.5 if self.flip else None
+        side = int(self.pad_to or 0) if not self.image_size else int(self.image_size)
+        centers = rng.integers(0, max(side, 1), size=(self._n, 2)) if self.cutout else None
         sel = slice(self.rank, None, self.workers)
         take = slice(0, self._per_worker)
-        return (perm[sel][take], offsets[sel][take] if offsets is not None else None,
-                flips[sel][take] if flips is not None else None)
+
+        def pick(a):
+            return a[sel][take] if a is not None else None
+        return perm[sel][take], pick(offsets), pick(flips), pick(centers)
 
     def epoch(self, epoch: int, start_batch: int = 0
               ) -> Iterator[Tuple[List["mx.nd.NDArray"], List["mx.nd.NDArray"]]]:
@@ -217,7 +246,7 @@ class BatchLoader:
 
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, not {start_batch}")
-        idx, offsets, flips = self._plan(epoch)
+        idx, offsets, flips, centers = self._plan(epoch)
         cpu = mx.cpu()
         for start in range(start_batch * self.batch_size, self._per_worker, self.batch_size):
             stop = min(start + self.batch_size, self._per_worker)
@@ -234,6 +263,7 @@ class BatchLoader:
                     x, mean=self.mean, std=self.std, pad_to=self.pad_to, image_size=self.image_size,
                     crop_pad=self.crop_pad,
                     crop_offsets=offsets[lo:hi] if offsets is not None else None,
-                    flips=flips[lo:hi] if flips is not None else None))
+                    flips=flips[lo:hi] if flips is not None else None, cutout=self.cutout,
+                    cutout_centers=centers[lo:hi] if centers is not None else None))
                 labels.append(mx.nd.take(self._labels, sel).as_in_context(ctx))
             yield data, labels
