@@ -281,7 +281,7 @@ class VGG(gluon.HybridBlock):
                 if lay.stem:
                     stem = nn.HybridSequential(prefix="stem_")
                     with stem.name_scope():
-                        # Frozen when whitened (engine.whiten_stem); its bias always trains.
+                        # Frozen when whitened (fasttrain.whiten_stem); its bias always trains.
                         stem.register_child(nn.Conv2D(self.stem_channels, kernel_size=lay.stem, padding=0,
                                                       use_bias=True, weight_initializer=_conv_init()), "conv")
                         stem.register_child(_activation(opts.activation), "act")

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 from vgg_gluon.data.base import *  # noqa: F401,F403  (the data sets' names and types)
 from vgg_gluon.data.base import CIFAR10_BINARY_DIR, DataError, canonical_name
 from vgg_gluon.data.fetch import safe_extract
-from vgg_gluon.data.pipeline import BatchLoader, transform_batch  # noqa: F401
+from vgg_gluon.data.pipeline import BatchLoader, cutout_mask, transform_batch  # noqa: F401
 from vgg_gluon.data.readers import _is_image_folder_root, load_dataset
 from vgg_gluon.fsutil import atomic_write_text
 
