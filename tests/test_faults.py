@@ -368,7 +368,12 @@ def test_second_process_on_a_training_run_is_refused_and_touches_nothing(tiny_da
     try:
         assert _wait(lambda: any((p / ck.PARAMS).exists() for p in run.glob(".tmp-epoch-*")), proc), \
             proc.communicate()
-        before = _tree_hash(run)
+        before = _tree_hash(run)     # once the weights are whole: the save then waits at after-params
+        for _ in range(100):
+            time.sleep(0.3)
+            now, before = before, _tree_hash(run)
+            if now == before:
+                break
         r = _run(["resume", run, "--epochs", 1], _env(tiny_data_dir), timeout=120)
         assert r.returncode == 1, r.stderr
         line, = r.stderr.strip().splitlines()
