@@ -197,3 +197,17 @@ def test_two_devices_with_lookahead_train(tmp_path, cli_env):
         if k != "__started__":
             assert np.isfinite(v).all()
     assert any(k.endswith("running_mean") for k in params)
+
+
+@pytest.mark.slow
+def test_dist_sync_workers_with_every_technique_stay_identical(tmp_path, tiny_data_dir):
+    """Two dist_sync workers (real launch on 127.0.0.1): the same weights on both after 2 epochs
+    of the lookahead + whitening recipe, and rank 0's checkpoint holds the lookahead state."""
+    from conftest import run_cli
+    env = {"VGG_GLUON_DATA_DIR": str(tiny_data_dir), "VGG_GLUON_DIST_DUMP": str(tmp_path / "dump")}
+    run_cli("launch", "-n", "2", "--grace", "3", "--", "train", *FAST, "--epochs", 2, "--output-dir", tmp_path,
+            "--name", "d", env_extra=env, timeout=600)
+    w0, w1 = (_arrays(tmp_path / "dump" / f"worker-{i}.params") for i in (0, 1))
+    for k in w0:
+        assert np.array_equal(w0[k], w1[k]), k
+    assert (tmp_path / "d" / "epoch-0002" / fasttrain.LOOKAHEAD_FILE).is_file()

@@ -6,6 +6,7 @@ from conftest import TINY_WIDTH
 from mxnet import autograd, gluon
 
 from vgg_gluon import models as M
+from vgg_gluon import netsummary as NS
 
 CTX = mx.cpu()
 TINY = TINY_WIDTH  # 64 -> 4 channels: every spec runs in milliseconds at 32 px
@@ -49,14 +50,14 @@ def test_every_spec_eager_hybrid_summary(arch, batch_norm, channels):
     assert eager.shape == (2, 10)
     assert np.isfinite(eager.asnumpy()).all()
 
-    rows = M.layer_summary(net, (channels, 32, 32))
+    rows = NS.layer_summary(net, (channels, 32, 32))
     real = _layer_shapes(net, x[:1])
     assert [(r.name, r.output_shape) for r in rows] == real
-    assert M.count_params(rows) == _trainable(net)
+    assert NS.count_params(rows) == _trainable(net)
     # BN's running mean/var are parameters too, just not trained.
     n_bn = sum(r.output_shape[1] for r in rows if r.kind == "bn")
-    assert sum(int(np.prod(p.shape)) for p in net.collect_params().values()) == M.count_params(rows) + 2 * n_bn
-    assert M.count_macs(arch, TINY, batch_norm, 32, 10, (channels, 32, 32)) == sum(r.macs for r in rows)
+    assert sum(int(np.prod(p.shape)) for p in net.collect_params().values()) == NS.count_params(rows) + 2 * n_bn
+    assert NS.count_macs(arch, TINY, batch_norm, 32, 10, (channels, 32, 32)) == sum(r.macs for r in rows)
 
     net.hybridize(static_alloc=True, static_shape=True)
     hybrid = net(x)
@@ -83,9 +84,9 @@ def test_larger_inputs_vgg11_quarter_width(size, batch_norm):
     y = net(x)
     mx.nd.waitall()
     assert y.shape == (1, 10)
-    rows = M.layer_summary(net, (1, size, size))
+    rows = NS.layer_summary(net, (1, size, size))
     assert [(r.name, r.output_shape) for r in rows] == _layer_shapes(net, x)
-    assert M.count_params(rows) == _trainable(net)
+    assert NS.count_params(rows) == _trainable(net)
 
 
 def test_hybridized_non_square_and_odd_sizes():
@@ -94,14 +95,14 @@ def test_hybridized_non_square_and_odd_sizes():
     net.hybridize(static_alloc=True, static_shape=True)
     for shape in [(2, 3, 32, 48), (1, 3, 45, 33)]:
         assert net(_input(shape)).shape == (shape[0], 3)
-        rows = M.layer_summary(net, shape[1:])
+        rows = NS.layer_summary(net, shape[1:])
         assert rows[-1].output_shape == (1, 3)
     mx.nd.waitall()
 
 
 def test_tutorial_table_vgg11_224():
     net = M.build_vgg("vgg11", 10)  # width 1: 4096 fc units; analytic, nothing is run
-    rows = M.block_summary(net, (1, 224, 224))
+    rows = NS.block_summary(net, (1, 224, 224))
     assert [(r.kind, r.output_shape) for r in rows] == [
         ("block", (1, 64, 112, 112)),
         ("block", (1, 128, 56, 56)),
@@ -115,16 +116,16 @@ def test_tutorial_table_vgg11_224():
         ("dense", (1, 10)),
     ]
     assert rows[0].name == "features.block1" and rows[-1].name == "classifier.fc3"
-    assert sum(r.params for r in rows) == M.count_params(M.layer_summary(net, (1, 224, 224)))
-    assert "features.block5" in M.format_summary(rows)
+    assert sum(r.params for r in rows) == NS.count_params(NS.layer_summary(net, (1, 224, 224)))
+    assert "features.block5" in NS.format_summary(rows)
 
 
 def test_known_imagenet_counts():
     # Published figures for the ImageNet models (3x224x224, 1000 classes, no BN).
-    assert M.count_params(M.layer_summary(M.build_vgg("vgg11", 1000), (3, 224, 224))) == 132_863_336
-    assert M.count_params(M.layer_summary(M.build_vgg("vgg16", 1000), (3, 224, 224))) == 138_357_544
-    assert M.count_params(M.layer_summary(M.build_vgg("vgg19", 1000), (3, 224, 224))) == 143_667_240
-    macs = M.count_macs("vgg16", 1.0, False, None, 1000, (3, 224, 224))
+    assert NS.count_params(NS.layer_summary(M.build_vgg("vgg11", 1000), (3, 224, 224))) == 132_863_336
+    assert NS.count_params(NS.layer_summary(M.build_vgg("vgg16", 1000), (3, 224, 224))) == 138_357_544
+    assert NS.count_params(NS.layer_summary(M.build_vgg("vgg19", 1000), (3, 224, 224))) == 143_667_240
+    macs = NS.count_macs("vgg16", 1.0, False, None, 1000, (3, 224, 224))
     assert abs(macs - 15.47e9) / 15.47e9 < 0.005
 
 
@@ -136,7 +137,7 @@ def test_too_small_input_is_value_error(size):
     with pytest.raises(ValueError, match="at least 32x32"):
         net(mx.nd.zeros((1, 1, h, w)))
     with pytest.raises(ValueError, match="at least 32x32"):
-        M.layer_summary(net, (1, h, w))
+        NS.layer_summary(net, (1, h, w))
     net.hybridize(static_alloc=True, static_shape=True)
     net(mx.nd.zeros((1, 1, 32, 32)))
     with pytest.raises(ValueError) as err:

@@ -122,11 +122,11 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
 def summary(arch: str, *, width: float, batch_norm: bool, fc_units: Optional[int], num_classes: int,
             input_shape: Tuple[int, int, int], layers: bool = False) -> Dict[str, Any]:
     """Per-block (or per-layer) rows for a spec and input size, as plain data."""
-    from vgg_gluon import models
+    from vgg_gluon import models, netsummary
     try:
         net = models.build_vgg(arch, num_classes, width=width, batch_norm=batch_norm, fc_units=fc_units,
                                in_channels=int(input_shape[0]))
-        rows = (models.layer_summary if layers else models.block_summary)(net, tuple(input_shape))
+        rows = (netsummary.layer_summary if layers else netsummary.block_summary)(net, tuple(input_shape))
     except ValueError as exc:
         raise InspectError(str(exc)) from None
     return {"arch": arch, "width": width, "batch_norm": batch_norm, "fc_units": net.fc_units,
@@ -144,7 +144,7 @@ def human(n: float) -> str:
 
 
 def format_summary_text(s: Dict[str, Any]) -> str:
-    from vgg_gluon.models import LayerRow, format_summary
+    from vgg_gluon.netsummary import LayerRow, format_summary
     rows = [LayerRow(r["name"], r["kind"], tuple(r["output_shape"]), r["params"], r["macs"]) for r in s["rows"]]
     head = f"{s['description']}, {s['num_classes']} classes, input {tuple(s['input_shape'])}"
     foot = (f"{human(s['total_params'])} parameters ({s['total_params'] * 4 / 2 ** 20:.1f} MiB float32), "
