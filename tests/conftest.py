@@ -87,15 +87,16 @@ def engine_run(run_dir: Path, *, stop_after=None, on_progress=None, **settings):
     recipe under them). Returns fit's result."""
     import itertools
 
-    from vgg_gluon import cli, engine
+    from vgg_gluon import checkpoint, cli, engine
     cfg = cli.resolve_config(None, {**TINY_RUN, "run_name": Path(run_dir).name,
                                     "output_dir": str(Path(run_dir).parent), **settings})
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
     calls = itertools.count(1)
     stop = (lambda: next(calls) >= stop_after) if stop_after else None
-    return engine.fit(engine.build_session(cfg), run_dir, on_progress=on_progress, should_stop=stop)
+    with checkpoint.run_lock(run_dir):
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        return engine.fit(engine.build_session(cfg), run_dir, on_progress=on_progress, should_stop=stop)
 
 
 @pytest.fixture(scope="session")

@@ -465,6 +465,39 @@ def test_ctrl_c_stops_workers_together_and_the_run_resumes_anywhere(tmp_path, ti
 
 
 @pytest.mark.slow
+def test_a_signal_to_one_worker_stops_both_after_the_same_step(tmp_path, tiny_data_dir):
+    """The per-step stop agreement: Ctrl-C reaching worker 1 alone (not the launcher) inside epoch 2
+    stops worker 0 after the same step, and rank 0 saves that step. Without the agreement worker 0
+    would wait at the next step for gradients worker 1 never sends, until the launcher kills it."""
+    from vgg_gluon import checkpoint as ck
+    run, dump = tmp_path / "one", tmp_path / "dump"
+    p, err = _start_launch(tmp_path, tiny_data_dir, "train", *TINY, "--epochs", 2, "--output-dir", tmp_path,
+                           "--name", "one", env_extra={"VGG_GLUON_SLOW_AT": "train-step:0.3",
+                                                       "VGG_GLUON_DIST_DUMP": str(dump)})
+    try:
+        pids = _pids(err)
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "train.log").exists()
+                                              and "epoch   1/2" in (run / "train.log").read_text()):
+            time.sleep(0.05)
+        time.sleep(0.45)
+        os.kill(pids["worker 1"], signal.SIGINT)
+        rc = p.wait(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err.seek(0)
+    log = err.read()
+    assert rc == 130, log
+    c = ck.select_checkpoint(run, "last")
+    ck.verify(c)
+    assert c.epoch == 1 and 0 < c.step < 4, c.name
+    w0, w1 = _load(dump / "worker-0.params"), _load(dump / "worker-1.params")
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+    _no_process_left(set(pids.values()))
+
+
+@pytest.mark.slow
 def test_dist_async_workers_agree_at_epoch_ends_and_resume_keeps_the_schedule(tmp_path, tiny_data_dir):
     """dist_async: updates happen on the server as pushes arrive; at each epoch end the workers
     pull the servers' weights (and rank 0's BN statistics), so they evaluate the same model.

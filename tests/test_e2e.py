@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import FASHION_SYSTEM, REPO, run_cli
+from conftest import FASHION_SYSTEM, REPO, run_cli, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +66,8 @@ def test_signal_stops_cleanly_and_resumes(tmp_path, tiny_data_dir):
     import sys
     import time
     env = dict(os.environ, VGG_GLUON_DATA_DIR=str(tiny_data_dir), PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "vgg_gluon", "train", "--width", "0.0625", "--fc-units", "32",
-           "--batch-size", "16", "--epochs", "30", "--output-dir", str(tmp_path), "--name", "sig", "--quiet"]
+    cmd = [sys.executable, "-m", "vgg_gluon", "train", *tiny_args(batch_size=16, train_limit=None, test_limit=None),
+           "--epochs", "30", "--output-dir", str(tmp_path), "--name", "sig"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
     run = tmp_path / "sig"
     deadline = time.time() + 120

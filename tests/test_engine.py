@@ -87,6 +87,22 @@ def test_resume_with_more_epochs_rebuilds_the_schedule(tmp_path, cli_env):
     assert _tree(run) == before
 
 
+def test_resume_with_fewer_epochs_than_a_stopped_run_changes_nothing(tmp_path, cli_env):
+    """Stopped inside epoch 2 of 3, then `resume --epochs 1`: nothing to train; the stopped epoch's
+    checkpoint and the run's settings stay (it used to 'finish' the run: config.yaml said 1 epoch
+    while the newest checkpoint was the stopped one)."""
+    run = tmp_path / "r"
+    assert engine_run(run, stop_after=6, epochs=3, log_interval=1).status == "stopped"
+    step = ck.select_checkpoint(run).step
+    before = _tree(run)
+    r = _invoke("resume", run, "--epochs", 1)
+    assert r.exit_code == 0 and f"already trained 1 of 1 epochs (epoch 2 was stopped at step {step})" in r.output
+    assert _tree(run) == before
+    r = _invoke("resume", run)          # the stopped epoch is still there to finish
+    assert r.exit_code == 0, r.output
+    assert [h["epoch"] for h in report.read_history(run / "history.csv")] == [1, 2, 3]
+
+
 def test_two_cpu_contexts_match_one(tmp_path, cli_env):
     """Data parallel on cpu(0), cpu(1) makes the same updates as one device (no BN, no dropout:
     BatchNorm statistics are per device and dropout masks per device stream). Compared on what
@@ -164,14 +180,25 @@ RECIPE_LR = {
     "cifar10.yaml": (390, {1: 0.0002570694087403599, 195: 0.050128534704370176, 390: 0.1,
                            391: 0.09999999172031998, 2000: 0.08003032969238222, 5850: 0.0}),
     "d2l_vgg11_224.yaml": (468, {1: 0.05, 1000: 0.05, 2340: 0.05}),
+    "fashion_mnist_tta.yaml": (468, {1: 0.0004291845493562232, 117: 0.050214592274678116, 234: 0.1,
+                                     235: 0.09999997996114104, 1000: 0.08869574338341853, 3744: 0.0}),
+    # batch 512: 97 steps; peak 1.5 x 512 / 1024 (lr_base_batch) = 0.75 after 1.8 epochs, then linear
+    # to 0: 0.75 * (1 - T / (N - 1))
+    "cifar10_fast3.yaml": (97, {1: 0.004320276497695853, 87: 0.3758640552995392, 174: 0.75,
+                                175: 0.7495003331112591, 400: 0.468437708194537, 776: 0.0}),
 }
+
+
+def test_every_shipped_recipe_has_pinned_rates():
+    shipped = sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml"))
+    assert shipped == sorted(RECIPE_LR), "pin the learning rate of the new recipe in RECIPE_LR"
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_LR))
 def test_recipe_schedules_are_pinned(recipe):
     cfg = cli.resolve_config(str(Path(__file__).parents[1] / "experiments" / recipe), {})
     iters, pinned = RECIPE_LR[recipe]
-    assert 60000 // cfg.batch_size == iters or 50000 // cfg.batch_size == iters
+    assert {"fashion-mnist": 60000, "cifar10": 50000}[cfg.dataset] // cfg.batch_size == iters
     s = engine.make_lr_scheduler(cfg, iters_per_epoch=iters)
     for update, lr in pinned.items():
         assert s(update) == pytest.approx(lr, rel=1e-9, abs=1e-12), (recipe, update)

@@ -360,15 +360,20 @@ def test_two_quick_ctrl_c(tiny_data_dir, tmp_path):
 def test_second_process_on_a_training_run_is_refused_and_touches_nothing(tiny_data_dir, tmp_path):
     """While a save is in progress (slowed by the hook), `resume` of the same run exits 1 with one
     line naming the holder's pid; it neither removes the save's temporary folder nor writes
-    anything, .lock included. After the first process ends (here by kill -9, which drops the
-    lock), resume works."""
+    anything, .lock included. (That kill -9 drops the lock, so that resume then works, every
+    kill-then-resume test shows.)"""
     run = tmp_path / "run"
     proc = _start(["train", *TINY, "--epochs", 1, "--output-dir", tmp_path, "--name", "run"],
                   _env(tiny_data_dir, VGG_GLUON_SLOW_AT="after-params:20"))
     try:
         assert _wait(lambda: any((p / ck.PARAMS).exists() for p in run.glob(".tmp-epoch-*")), proc), \
             proc.communicate()
-        before = _tree_hash(run)
+        before = _tree_hash(run)     # once the weights are whole: the save then waits at after-params
+        for _ in range(100):
+            time.sleep(0.3)
+            now, before = before, _tree_hash(run)
+            if now == before:
+                break
         r = _run(["resume", run, "--epochs", 1], _env(tiny_data_dir), timeout=120)
         assert r.returncode == 1, r.stderr
         line, = r.stderr.strip().splitlines()
@@ -377,7 +382,6 @@ def test_second_process_on_a_training_run_is_refused_and_touches_nothing(tiny_da
     finally:
         if proc.poll() is None:
             _kill(proc)
-    _finish(run, _env(tiny_data_dir), 1)
 
 
 @pytest.mark.slow

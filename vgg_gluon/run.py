@@ -119,10 +119,13 @@ def resume_run(run_dir: Path, configure: Callable[[RunConfig, str], RunConfig]) 
     meta = c.meta()
     source = f"{c.path}/meta.json"
     cfg = configure(RunConfig.from_dict(meta["config"], source), source)
-    if c.epoch >= cfg.epochs and not c.step:
+    if c.epoch >= cfg.epochs:
+        # Nothing to train. A run stopped inside epoch c.epoch + 1 keeps that checkpoint and its
+        # settings: `--epochs N` below it must not "finish" the run by dropping the stopped epoch.
         recover_history(run_dir, c.epoch)
-        return Resumption(None, c.epoch, note=f"{run_dir}: already trained {c.epoch} of {cfg.epochs} epochs; "
-                                              f"pass --epochs N (> {c.epoch}) to train more")
+        stopped = f" (epoch {c.epoch + 1} was stopped at step {c.step})" if c.step else ""
+        return Resumption(None, c.epoch, note=f"{run_dir}: already trained {c.epoch} of {cfg.epochs} epochs"
+                                              f"{stopped}; pass --epochs N (> {c.epoch}) to train more")
     session = engine.build_session(cfg, params_source=c)
     restore_trainer(session, c, meta)
     session.history = recover_history(run_dir, c.epoch)
