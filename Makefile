@@ -85,7 +85,7 @@ test: venv $(if $(or $(filter true,$(CI)),$(SLOW)),data,)
 lint: venv
 	$(BIN)/ruff check vgg_gluon tests benchmarks
 
-# Throughput vs PyTorch (benchmarks/README.md); BENCH=tta|memory|syncs|threads for the others.
+# Throughput vs PyTorch (benchmarks/README.md); BENCH=tta|memory|syncs|threads|levers|onednn|peak for the others.
 bench: data-fashion-mnist
 	$(MAKE) -C benchmarks $(or $(BENCH),throughput) PYTHON=$(PYTHON) ARGS='$(ARGS)'
 

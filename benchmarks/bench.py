@@ -1,15 +1,24 @@
-"""Training/evaluation throughput of vgg-gluon vs PyTorch eager on this CPU, interleaved.
+"""Training/evaluation throughput of vgg-gluon vs PyTorch on this CPU, interleaved and fair.
 
-    python benchmarks/bench.py throughput [--sizes 32,96,224] [--quick]
+    python benchmarks/bench.py throughput [--sizes 32,96,224] [--quick] [--peers eager_nchw,eager_cl,...]
+    python benchmarks/bench.py levers       # MXNet settings A/B (contexts, threads, aggregation, bulk, batch, bf16)
+    python benchmarks/bench.py onednn       # which oneDNN kernels a training step runs (MKLDNN_VERBOSE=1)
+    python benchmarks/bench.py peak         # theoretical fp32 peak + matrix products only
     python benchmarks/bench.py syncs        # cost of the per-step NaN read and per-step seeding
     python benchmarks/bench.py threads      # thread/engine settings sweep (MXNet only)
 
-The driver imports neither framework. It starts two long-lived worker processes (this same file
-with `worker mxnet` / `worker torch`; separate processes because both bundle their own OpenMP
-runtime) and sends them one JSON command at a time, alternating MXNet and PyTorch so that any
-drift in machine load hits both. Every timed unit is a "chunk" of K training steps ending in a
-full synchronisation (mx.nd.waitall()); the figure per step is chunk time / K, and the reported
-value is the median over >= 5 chunks after one warm-up chunk.
+The driver imports neither framework. It starts long-lived worker processes (this same file with
+`worker mxnet` / `worker torch`; separate processes because both bundle their own OpenMP runtime)
+and sends them one JSON command at a time, alternating MXNet and the PyTorch peers so that any
+drift in machine load hits all of them. While one worker is timed every other worker is stopped
+(SIGSTOP, SIGCONT before its next command), so no OpenMP thread of the idle framework can spin on
+a core the timed one needs (both wheels use GNU libgomp, which spins after each parallel region;
+KMP_BLOCKTIME does not apply to it). Every timed unit is a "chunk" of K training steps ending in
+a full synchronisation; the figure per step is chunk time / K, the reported value the median over
+>= 5 chunks after warm-up, printed with the min-max of the chunks and, for every peer, the spread
+of the per-round pair ratios. After each row, MXNet and the PyTorch peers are timed again in
+fresh processes running alone ("alone check"), and the bench prints whether its own figures lie
+within the noise of the stand-alone ones.
 
 The MXNet side is the project's own code path: `engine.build_session` (the real Fashion-MNIST
 BatchLoader with shuffling and crop+flip augmentation, the hybridized VGG, the Trainer) and
@@ -22,10 +31,13 @@ import argparse
 import json
 import os
 import platform
+import re
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -93,24 +105,44 @@ class MXWorker:
         from vgg_gluon import data as data_mod
         from vgg_gluon.config import RunConfig
         mx = self.mx
+        if a.get("amp_bf16") and not getattr(self, "_amp_bf16", False):
+            # MXNet AMP with bfloat16 (oneDNN kernels on CPUs with AVX512-BF16): patches the operator
+            # namespaces, so it must run before the network is built; float32 weights and updates.
+            # "conv": only convolutions in bfloat16, BatchNorm and the dense layers kept in float32.
+            from mxnet.contrib import amp
+            if a["amp_bf16"] == "conv":
+                from mxnet.contrib.amp.lists import symbol_bf16
+                amp.init(target_dtype="bfloat16", target_precision_ops=["Convolution"],
+                         fp32_ops=list(symbol_bf16.FP32_FUNCS) + ["BatchNorm", "FullyConnected"])
+            else:
+                amp.init(target_dtype="bfloat16")
+            self._amp_bf16 = True
         cfg = RunConfig(dataset="fashion-mnist", arch="vgg11", width=0.25, batch_norm=a["bn"],
                         fc_units=a.get("fc_units"), image_size=None if a["size"] == 32 else a["size"],
                         batch_size=a["batch"], lr=0.01, momentum=0.9, wd=5e-4, lr_schedule="cosine",
                         epochs=100, augment_crop=a.get("crop", 4), augment_flip=a.get("flip", True),
-                        dropout=0.5, seed=42, ctx="cpu", hybridize=True,
+                        dropout=0.5, seed=42, ctx=a.get("ctx", "cpu"), hybridize=True,
                         **({"dtype": a["dtype"]} if a.get("dtype") else {}))
         if self.dataset is None:
             self.dataset = data_mod.load_dataset("fashion-mnist", None, download=False)
         self.s = self.engine.build_session(cfg, dataset=self.dataset)
         self.cfg = cfg
-        shape = (a["batch"],) + tuple(self.s.input_shape)
         ctx = self.s.ctx_list
-        rng = mx.random.normal(shape=shape, ctx=ctx[0])
-        self.syn = ([rng], [mx.nd.array((self.mx.nd.arange(a["batch"]) % 10).asnumpy(), ctx=ctx[0])])
+        if a.get("static_alloc"):
+            # build_session turns static_alloc off for several CPU contexts (a BatchNorm
+            # running-statistics race); the "ctx2_static" lever measures what that costs.
+            self.s.net.hybridize(static_alloc=True, static_shape=True)
+        # One pre-made batch, split over the contexts as the real loader splits it.
+        per = [a["batch"] // len(ctx) + (1 if i < a["batch"] % len(ctx) else 0) for i in range(len(ctx))]
+        xs, ys = [], []
+        for c, n in zip(ctx, per):
+            xs.append(mx.random.normal(shape=(n,) + tuple(self.s.input_shape), ctx=c))
+            ys.append(mx.nd.array(list(i % 10 for i in range(n)), ctx=c))
+        self.syn = (xs, ys)
         self.real_pos = 0
         self.seed = a.get("seed", 42)
         macs = self.netsummary.count_macs("vgg11", 0.25, a["bn"], cfg.fc_units, 10, tuple(self.s.input_shape))
-        return {"macs": macs, "steps_per_epoch": len(self.s.train_loader)}
+        return {"macs": macs, "steps_per_epoch": len(self.s.train_loader), "ctx": [str(c) for c in ctx]}
 
     def _run(self, loader):
         s = self.s
@@ -200,31 +232,60 @@ class MXWorker:
         return {"seconds": r["seconds"], "images": r["samples"], "acc": r["acc"]}
 
     def matmul(self, a):
+        """n x n fp32 products: "dot" is nd.dot (OpenBLAS in the pip wheel), "onednn" is
+        FullyConnected without bias (oneDNN's inner product, the kernel MXNet's Dense layers run)."""
         mx = self.mx
         n = a["n"]
         x = mx.nd.random.uniform(shape=(n, n))
         y = mx.nd.random.uniform(shape=(n, n))
-        mx.nd.dot(x, y).wait_to_read()
-        times = []
-        for _ in range(a["reps"]):
-            t0 = time.perf_counter()
-            mx.nd.dot(x, y).wait_to_read()
-            times.append(time.perf_counter() - t0)
-        return {"times": times}
+        if a.get("backend", "dot") == "onednn":
+            def op():
+                return mx.nd.FullyConnected(x, y, no_bias=True, num_hidden=n)
+        else:
+            def op():
+                return mx.nd.dot(x, y)
+        return {"times": _time_op(lambda: op().wait_to_read(), a)}
+
+    def flush(self, _):
+        """Flush C stdio, so oneDNN's verbose lines reach the driver before our reply."""
+        import ctypes
+        ctypes.CDLL(None).fflush(None)
+        return {}
+
+
+def _time_op(fn, a) -> list:
+    """Run fn once (warm-up), then time it `reps` times or until `seconds` have passed (>= 3)."""
+    fn()
+    times, t_end = [], time.perf_counter() + a.get("seconds", 0.0)
+    while len(times) < a.get("reps", 3) or (time.perf_counter() < t_end and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+PEERS = ("eager_nchw", "eager_cl", "compile_nchw", "compile_cl")
+PEER_LABEL = {"eager_nchw": "eager NCHW", "eager_cl": "eager channels_last",
+              "compile_nchw": "torch.compile NCHW", "compile_cl": "torch.compile channels_last"}
 
 
 class TorchWorker:
+    """The PyTorch peers, one model + optimizer each, all in one process: eager or torch.compile
+    (default inductor mode), NCHW or channels_last (the layout PyTorch recommends for CPU
+    convolutions: oneDNN runs them without reorders)."""
+
     def __init__(self):
         import torch
         self.torch = torch
         n = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
         torch.set_num_threads(n)
-        self.model = None
+        self.peers = {}
 
     def info(self, _):
         t = self.torch
         return {"torch": t.__version__, "threads": t.get_num_threads(),
-                "mkldnn": t.backends.mkldnn.is_available()}
+                "mkldnn": t.backends.mkldnn.is_available(),
+                "cpu_capability": t.backends.cpu.get_cpu_capability()}
 
     def _build(self, bn, fc_units, width=0.25):
         nn = self.torch.nn
@@ -245,40 +306,51 @@ class TorchWorker:
 
     def setup(self, a):
         t = self.torch
-        t.manual_seed(0)
+        import torch._dynamo as dynamo
+        dynamo.reset()  # every (size, variant) compiles afresh; no recompile limit is reached
         fc = a.get("fc_units") or 1024
-        self.model = self._build(a["bn"], fc)
-        self.x = t.randn(a["batch"], 1, a["size"], a["size"])
+        self.peers = {}
+        for name in a.get("peers", ["eager_nchw"]):
+            t.manual_seed(0)
+            model = self._build(a["bn"], fc)
+            x = t.randn(a["batch"], 1, a["size"], a["size"])
+            model(x[:2])  # materialize LazyLinear
+            if name.endswith("_cl"):
+                model = model.to(memory_format=t.channels_last)
+                x = x.contiguous(memory_format=t.channels_last)
+            fwd = t.compile(model) if name.startswith("compile") else model
+            opt = t.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            self.peers[name] = {"model": model, "fwd": fwd, "opt": opt, "x": x}
         self.y = t.arange(a["batch"]) % 10
-        self.model(self.x[:2])  # materialize LazyLinear
-        self.opt = t.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         self.loss_fn = t.nn.CrossEntropyLoss()
         return {}
 
     def train(self, a):
         t = self.torch
-        m = self.model
-        m.train()
+        p = self.peers[a.get("peer", "eager_nchw")]
+        p["model"].train()
+        fwd, opt, x = p["fwd"], p["opt"], p["x"]
         loss_sum = t.zeros(())
         t0 = time.perf_counter()
         for _ in range(a["steps"]):
-            self.opt.zero_grad(set_to_none=True)
-            out = m(self.x)
-            loss = self.loss_fn(out, self.y)
+            opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(fwd(x), self.y)
             loss.backward()
-            self.opt.step()
+            opt.step()
             loss_sum += loss.detach()
         float(loss_sum)
         return {"seconds": time.perf_counter() - t0}
 
     def eval(self, a):
+        """Inference (eager peers only: a compiled peer would compile a second graph for it)."""
         t = self.torch
-        m = self.model
+        p = self.peers[a.get("peer", "eager_nchw")]
+        m = p["model"]
         m.eval()
         t0 = time.perf_counter()
         with t.inference_mode():
             for _ in range(a["steps"]):
-                out = m(self.x)
+                out = m(p["x"])
         float(out.sum())
         return {"seconds": time.perf_counter() - t0}
 
@@ -286,13 +358,7 @@ class TorchWorker:
         t = self.torch
         n = a["n"]
         x, y = t.rand(n, n), t.rand(n, n)
-        t.mm(x, y)
-        times = []
-        for _ in range(a["reps"]):
-            t0 = time.perf_counter()
-            t.mm(x, y)
-            times.append(time.perf_counter() - t0)
-        return {"times": times}
+        return {"times": _time_op(lambda: t.mm(x, y), a)}
 
 
 def worker_main(kind: str) -> None:
@@ -314,13 +380,30 @@ def worker_main(kind: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # driver
 class Worker:
-    def __init__(self, kind: str, env=None):
-        self.kind = kind
+    """A worker process. With `Worker.pause_idle` (the default), every call first stops all other
+    live workers (SIGSTOP) and continues this one (SIGCONT): only the process being timed runs."""
+
+    live: list = []
+    pause_idle = True
+
+    def __init__(self, kind: str, env=None, capture: bool = False):
+        self.kind, self.capture, self.lines, self.stopped = kind, capture, [], False
         self.p = subprocess.Popen([sys.executable, __file__, "worker", kind], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=None, text=True,
                                   env={**os.environ, **(env or {})})
+        Worker.live.append(self)
+
+    def _signal(self, stop: bool) -> None:
+        if self.stopped != stop and self.p.poll() is None:
+            os.kill(self.p.pid, signal.SIGSTOP if stop else signal.SIGCONT)
+            self.stopped = stop
 
     def __call__(self, op: str, **kw):
+        if Worker.pause_idle:
+            for w in Worker.live:
+                if w is not self:
+                    w._signal(True)
+        self._signal(False)
         self.p.stdin.write(json.dumps({"op": op, **kw}) + "\n")
         self.p.stdin.flush()
         for line in self.p.stdout:
@@ -329,15 +412,22 @@ class Worker:
                 if not r.pop("ok"):
                     raise RuntimeError(f"{self.kind} worker: {op}: {r['error']}")
                 return r
+            if self.capture:
+                self.lines.append(line.rstrip("\n"))
         raise RuntimeError(f"{self.kind} worker died during {op}")
 
     def close(self):
+        self._signal(False)
         try:
             self.p.stdin.write(json.dumps({"op": "quit"}) + "\n")
             self.p.stdin.flush()
         except BrokenPipeError:
             pass
-        self.p.wait(timeout=60)
+        try:
+            self.p.wait(timeout=120)
+        finally:
+            if self in Worker.live:
+                Worker.live.remove(self)
 
 
 def machine() -> dict:
@@ -350,9 +440,209 @@ def machine() -> dict:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "mem_gib": round(mem, 1),
+    return {"cpu": model, "isa": cpu_facts()["isa"], "cores": len(os.sched_getaffinity(0)),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "mem_gib": round(mem, 1),
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "load_avg": [round(v, 2) for v in os.getloadavg()]}
+
+
+# ------------------------------------------------------------------------------------------------
+# the theoretical peak
+def cpu_facts() -> dict:
+    """What /proc/cpuinfo and lscpu say about the first CPU."""
+    facts = {"vendor": "", "family": -1, "model": -1, "model_name": "", "flags": [], "mhz": 0.0}
+    try:
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        first = ""
+    for line in first.splitlines():
+        key, _, val = (x.strip() for x in line.partition(":"))
+        if key == "vendor_id":
+            facts["vendor"] = val
+        elif key == "cpu family":
+            facts["family"] = int(val)
+        elif key == "model":
+            facts["model"] = int(val)
+        elif key == "model name":
+            facts["model_name"] = val
+        elif key == "flags":
+            facts["flags"] = val.split()
+        elif key == "cpu MHz":
+            facts["mhz"] = float(val)
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        facts["lscpu"] = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines())
+                          if k.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket",
+                                           "Socket(s)", "Hypervisor vendor", "CPU max MHz", "BogoMIPS")}
+    except (OSError, subprocess.SubprocessError):
+        facts["lscpu"] = {}
+    facts["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+                    if f in facts["flags"]]
+    return facts
+
+
+def fma_table(f: dict):
+    """(FMA units per core, fp32 lanes per unit, why) for the core this is, from family/model/flags.
+
+    Lanes are what one unit completes per cycle: a 512-bit FMA split into two 256-bit halves
+    (Zen 4, Zen 5 mobile) counts as 8 lanes, not 16."""
+    fam, mod, fl = f["family"], f["model"], set(f["flags"])
+    if f["vendor"] == "AuthenticAMD":
+        if fam == 0x1A:
+            if 0x20 <= mod <= 0x2F or 0x60 <= mod <= 0x6F:
+                return 2, 8, "AMD Zen 5 mobile (family 1Ah model %#x): 2 FMA pipes, 256-bit datapath" % mod
+            return 2, 16, ("AMD Zen 5 (family 1Ah model %#x): 2 FMA pipes with a native 512-bit datapath"
+                           % mod)
+        if fam == 0x19:
+            if "avx512f" in fl:
+                return 2, 8, "AMD Zen 4 (family 19h with AVX-512): 2 x 256-bit FMA pipes, 512-bit ops double-pumped"
+            return 2, 8, "AMD Zen 3 (family 19h): 2 x 256-bit FMA pipes"
+        if fam == 0x17:
+            if mod >= 0x30:
+                return 2, 8, "AMD Zen 2 (family 17h model >= 30h): 2 x 256-bit FMA pipes"
+            return 2, 4, "AMD Zen/Zen+ (family 17h): 2 x 128-bit FMA pipes (256-bit ops split)"
+    if "avx512f" in fl:
+        return 2, 16, "AVX-512 (assumed 2 x 512-bit FMA units, as Xeon Gold/Platinum; some parts have 1)"
+    if "fma" in fl and "avx2" in fl:
+        return 2, 8, "AVX2 + FMA (assumed 2 x 256-bit FMA units)"
+    return 1, 4, "no FMA flags: assumed 1 x 128-bit unit"
+
+
+def run_probe(threads: int, out_dir: Path):
+    """Compile and run peak.c (clock + FMA throughput per thread); None without a C compiler."""
+    exe = out_dir / ".peak"
+    src = HERE / "peak.c"
+    try:
+        if not exe.exists() or exe.stat().st_mtime < src.stat().st_mtime:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            subprocess.run([os.environ.get("CC", "cc"), "-O2", "-pthread", str(src), "-o", str(exe)],
+                           check=True, capture_output=True, timeout=120)
+        out = subprocess.run([str(exe), str(threads)], check=True, capture_output=True, text=True,
+                             timeout=300).stdout
+        return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        print(f"# peak probe unavailable ({type(exc).__name__}: {exc}); falling back to the reported MHz")
+        return None
+
+
+def theoretical_peak(threads: int, out_dir: Path) -> dict:
+    """cores x FMA units x fp32 lanes x 2 FLOP x clock, each factor with where it came from."""
+    f = cpu_facts()
+    units, lanes, why = fma_table(f)
+    probe = run_probe(threads, out_dir)
+    tsc_hz = f["mhz"] * 1e6
+    notes = [why]
+    if probe:
+        clock = max([p["clock_hz"] for p in probe] + [tsc_hz])
+        fma = max(max(p["fma512_flops"], p["fma256_flops"]) for p in probe)
+        measured_fpc = fma / clock
+        clock_src = (f"measured: a chain of dependent adds ran at {max(p['clock_hz'] for p in probe) / 1e9:.3f} GHz "
+                     f"per thread ({threads} thread(s) at once; /proc/cpuinfo reports {f['mhz']:.0f} MHz, "
+                     f"the TSC rate a KVM guest sees); the higher of the two is used")
+    else:
+        clock, measured_fpc, fma = tsc_hz, None, None
+        clock_src = (f"assumed: the {f['mhz']:.0f} MHz /proc/cpuinfo reports (in a VM that is the TSC rate; "
+                     "a boost clock above it would put shares too high)")
+    fpc = 2 * units * lanes
+    if measured_fpc and measured_fpc > 1.1 * fpc:
+        units, lanes = 2, int(2 ** round(__import__("math").log2(measured_fpc / 4)))
+        fpc = 2 * units * lanes
+        notes.append(f"the table underestimated this core: measured {measured_fpc:.1f} FLOP/cycle, "
+                     f"using {fpc}")
+    per_core = fpc * clock
+    return {"cpu": f["model_name"], "family": f["family"], "model": f["model"], "isa_flags": f["isa"],
+            "lscpu": f.get("lscpu", {}), "tsc_mhz": f["mhz"], "clock_hz": clock, "clock_source": clock_src,
+            "fma_units": units, "fp32_lanes": lanes, "flop_per_cycle": fpc, "notes": notes,
+            "measured_fma_flops_per_thread": fma, "measured_flop_per_cycle": measured_fpc, "probe": probe,
+            "threads": threads, "cores": len(os.sched_getaffinity(0)),
+            "peak_gflops": threads * per_core / 1e9,
+            "machine_peak_gflops": len(os.sched_getaffinity(0)) * per_core / 1e9}
+
+
+def print_peak(pk: dict) -> None:
+    print(f"# theoretical fp32 peak: {pk['threads']} core(s) x {pk['fma_units']} FMA units x {pk['fp32_lanes']} "
+          f"fp32 lanes x 2 FLOP x {pk['clock_hz'] / 1e9:.3f} GHz = {pk['peak_gflops']:.1f} GFLOP/s "
+          f"(whole machine, {pk['cores']} cores: {pk['machine_peak_gflops']:.1f})", flush=True)
+    print(f"#   CPU: {pk['cpu']}, family {pk['family']} model {pk['model']}, flags {' '.join(pk['isa_flags'])}; "
+          f"lscpu: {pk['lscpu']}")
+    print(f"#   units/lanes: {'; '.join(pk['notes'])}")
+    print(f"#   clock: {pk['clock_source']}")
+    if pk["measured_flop_per_cycle"]:
+        print(f"#   check: an FMA loop (12 independent accumulators) reached "
+              f"{pk['measured_fma_flops_per_thread'] / 1e9:.1f} GFLOP/s per thread = "
+              f"{pk['measured_flop_per_cycle']:.1f} FLOP/cycle (table: {pk['flop_per_cycle']})", flush=True)
+
+
+MATMUL_SIZES = (256, 512, 1024, 2048, 4096)
+
+
+def matmuls(mxw, thw, sizes=MATMUL_SIZES, rounds: int = 2) -> dict:
+    """fp32 n x n products in MXNet (OpenBLAS dot, oneDNN inner product) and PyTorch (MKL mm),
+    interleaved; GFLOP/s of the median time per size and backend."""
+    times = {}
+    for _ in range(rounds):
+        for n in sizes:
+            for name, w, kw in (("mxnet_dot_openblas", mxw, {"backend": "dot"}),
+                                ("mxnet_fc_onednn", mxw, {"backend": "onednn"}),
+                                ("torch_mm_mkl", thw, {})):
+                times.setdefault(name, {}).setdefault(n, []).extend(
+                    w("matmul", n=n, reps=3, seconds=0.3, **kw)["times"])
+    return {name: {n: 2 * n ** 3 / _med(v) / 1e9 for n, v in by_n.items()} for name, by_n in times.items()}
+
+
+def onednn_report(size: int = 32, bn: bool = True, batch: int = 128, amp_bf16: bool = False, steps: int = 2) -> dict:
+    """Run `steps` training steps in a fresh MXNet worker with MKLDNN_VERBOSE=1 and summarize which
+    oneDNN implementation ran for each primitive (the last step only: no creation noise)."""
+    w = Worker("mxnet", env={"MKLDNN_VERBOSE": "1", "DNNL_VERBOSE": "1"}, capture=True)
+    try:
+        w("setup", size=size, bn=bn, batch=batch, amp_bf16=amp_bf16)
+        w("train", steps=steps, data="synthetic")
+        w("flush")
+        info = [ln for ln in w.lines if ln.startswith("dnnl_verbose,info")]
+        w.lines.clear()
+        w("train", steps=1, data="synthetic")
+        w("flush")
+        lines = [ln for ln in w.lines if ln.startswith("dnnl_verbose")]
+    finally:
+        w.close()
+    kinds: Counter = Counter()
+    ms: Counter = Counter()
+    for ln in lines:
+        parts = ln.split(",")
+        if len(parts) > 6 and parts[1] == "exec":
+            dtypes = sorted(set(re.findall(r"(?:src|data|wei|dst|diff)_([a-z0-9]+)::", parts[6])) - {"undef"})
+            key = (parts[3], parts[4], parts[5], "/".join(dtypes))
+            kinds[key] += 1
+            try:
+                ms[key] += float(parts[-1])
+            except ValueError:
+                pass
+    return {"info": info, "exec": [{"primitive": k[0], "impl": k[1], "prop": k[2], "dtypes": k[3],
+                                    "count": c, "ms": round(ms[k], 3)} for k, c in kinds.most_common()],
+            "isa": next((ln.split("isa:", 1)[1] for ln in info if "isa:" in ln), "?"),
+            "version": next((ln.split("info,", 1)[1] for ln in info if "oneDNN v" in ln), "?")}
+
+
+def print_onednn(rep: dict, label: str) -> None:
+    print(f"# oneDNN ({label}): {rep['version']}; ISA dispatched: {rep['isa']}")
+    by = {}
+    for e in rep["exec"]:
+        by.setdefault((e["primitive"], e["impl"], e["dtypes"]), []).append(e)
+    total = sum(e["ms"] for e in rep["exec"]) or 1.0
+    for (prim, impl, dt), es in sorted(by.items(), key=lambda kv: -sum(e["ms"] for e in kv[1])):
+        props = ",".join(sorted({e["prop"] for e in es}))
+        n, t = sum(e["count"] for e in es), sum(e["ms"] for e in es)
+        print(f"#   {prim:<20} {impl:<22} {dt:<10} {props:<48} x{n:<3} {t:8.2f} ms ({t / total:.0%})")
+
+
+def _range(xs):
+    return f"{min(xs):.1f}-{max(xs):.1f}"
+
+
+def within_noise(a: list, b: list) -> bool:
+    """Two series of chunk rates agree within the noise when either median lies inside the other
+    series' min-max range."""
+    return min(a) <= _med(b) <= max(a) or min(b) <= _med(a) <= max(b)
 
 
 def _med(xs):
@@ -361,74 +651,152 @@ def _med(xs):
 
 # Steps per timed chunk and chunks per size: 224 px steps take seconds, so fewer of them.
 PLAN = {32: (10, 5), 96: (3, 5), 224: (1, 5)}
-PLAN_QUICK = {32: (4, 5), 96: (1, 5), 224: (1, 5)}
+PLAN_QUICK = {32: (4, 3), 96: (1, 3), 224: (1, 3)}
+
+
+def _rates(times_per_step: list, batch: int) -> list:
+    return [batch / t for t in times_per_step]
+
+
+def time_alone(kind: str, setup: dict, k: int, rounds: int, names: list) -> dict:
+    """Per-step chunk times of `names` (MXNet: ["mx_syn"]; PyTorch: its peers) in a fresh worker
+    while every other worker is stopped: the framework timed alone."""
+    w = Worker(kind)
+    try:
+        w("setup", **setup)
+        t = {n: [] for n in names}
+        call = (lambda n, kk: w("train", steps=kk, data="synthetic")) if kind == "mxnet" else \
+            (lambda n, kk: w("train", steps=kk, peer=n))
+        for n in names:
+            call(n, max(k, 2))
+            call(n, k)
+        for _ in range(rounds):
+            for n in names:
+                t[n].append(call(n, k)["seconds"] / k)
+    finally:
+        w.close()
+    return t
 
 
 def throughput(args) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")]
     variants = [bn == "bn" for bn in args.variants.split(",")]
+    peers = [p for p in args.peers.split(",") if p]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        raise SystemExit(f"unknown peers {sorted(unknown)}; choose from {','.join(PEERS)}")
     plan = PLAN_QUICK if args.quick else PLAN
-    res = {"machine": machine(), "command": " ".join(sys.argv), "runs": []}
+    res = {"machine": machine(), "command": " ".join(sys.argv), "runs": [], "peers": peers,
+           "pause_idle": Worker.pause_idle, "wait_policy": args.wait_policy}
+    threads = int(os.environ["OMP_NUM_THREADS"])
+    print(f"# {res['machine']}", flush=True)
+    fair = ("the idle workers are stopped (SIGSTOP) while one is timed" if Worker.pause_idle
+            else "NO pausing (the old method)")
+    print(f"# fairness: {fair}; OpenMP wait policy: {args.wait_policy}", flush=True)
+    pk = theoretical_peak(threads, Path(args.out))
+    res["peak"] = pk
+    print_peak(pk)
     mxw, thw = Worker("mxnet"), Worker("torch")
     try:
         res["mxnet"], res["torch"] = mxw("info"), thw("info")
-        print(f"# {res['machine']}\n# mxnet {res['mxnet']}\n# torch {res['torch']}", flush=True)
-        # Practical peak: a 4096^2 fp32 matrix product in each framework (interleaved), best median.
-        mm = {"mxnet": [], "torch": []}
-        for _ in range(3):
-            for name, w in (("mxnet", mxw), ("torch", thw)):
-                mm[name] += w("matmul", n=4096, reps=2)["times"]
-        flops = 2 * 4096 ** 3
-        peak = {k: flops / _med(v) / 1e9 for k, v in mm.items()}
-        res["matmul_gflops"] = peak
-        res["peak_gflops"] = max(peak.values())
-        print(f"matmul 4096^2 fp32: mxnet {peak['mxnet']:.1f} GFLOP/s, torch {peak['torch']:.1f} GFLOP/s "
-              f"-> peak {res['peak_gflops']:.1f}", flush=True)
+        print(f"# mxnet {res['mxnet']}\n# torch {res['torch']}", flush=True)
+        mm = matmuls(mxw, thw, sizes=(512, 1024, 2048) if args.quick else MATMUL_SIZES)
+        res["matmul_gflops"] = mm
+        best = max(((g, name, n) for name, by_n in mm.items() for n, g in by_n.items()))
+        res["best_matmul"] = {"gflops": best[0], "backend": best[1], "n": best[2],
+                              "share_of_peak": best[0] / pk["peak_gflops"]}
+        for name, by_n in mm.items():
+            print(f"matmul fp32 {name:<19} " + "  ".join(f"{n}: {g:6.1f}" for n, g in by_n.items()) + " GFLOP/s",
+                  flush=True)
+        print(f"best measured matrix product: {best[0]:.1f} GFLOP/s ({best[1]}, n={best[2]}) = "
+              f"{best[0] / pk['peak_gflops']:.0%} of the theoretical {pk['peak_gflops']:.1f}", flush=True)
+        if args.onednn:
+            rep = onednn_report(batch=args.batch)
+            res["onednn"] = rep
+            print_onednn(rep, "MXNet, one training step, 32 px BN")
+        peak = pk["peak_gflops"]
         for size in sizes:
             k, rounds = plan[size]
             for bn in variants:
                 setup = dict(size=size, bn=bn, batch=args.batch, fc_units=args.fc_units)
                 info = mxw("setup", **setup)
-                thw("setup", **setup)
+                thw("setup", **setup, peers=peers)
                 b = args.batch
-                # warm-up: one chunk each (hybridize/graph build, oneDNN primitive creation)
+                fl = 3 * 2 * info["macs"]  # training FLOP per image
+                # warm-up: hybridize/graph build, oneDNN primitive creation, torch.compile
                 mxw("train", steps=max(k, 2), data="synthetic")
                 mxw("train", steps=max(k, 2), data="real")
-                thw("train", steps=max(k, 2))
-                t = {"mx_syn": [], "mx_real": [], "torch": []}
+                for p in peers:
+                    thw("train", steps=max(k, 2), peer=p)
+                    thw("train", steps=k, peer=p)
+                series = ["mx_syn", "mx_real", *peers]
+                t = {n: [] for n in series}
                 for r in range(rounds):
-                    order = [("mx_syn", lambda k=k: mxw("train", steps=k, data="synthetic")),
-                             ("torch", lambda k=k: thw("train", steps=k)),
-                             ("mx_real", lambda k=k: mxw("train", steps=k, data="real"))]
-                    order = order[r % 3:] + order[:r % 3]
-                    for name, fn in order:
-                        t[name].append(fn()["seconds"] / k)
-                ek = max(1, k)
-                ev = {"mx": [], "torch": []}
-                for _ in range(rounds):
-                    ev["mx"].append(mxw("eval", steps=ek)["seconds"] / ek)
-                    ev["torch"].append(thw("eval", steps=ek)["seconds"] / ek)
+                    order = series[r % len(series):] + series[:r % len(series)]
+                    for name in order:
+                        if name == "mx_syn":
+                            sec = mxw("train", steps=k, data="synthetic")["seconds"]
+                        elif name == "mx_real":
+                            sec = mxw("train", steps=k, data="real")["seconds"]
+                        else:
+                            sec = thw("train", steps=k, peer=name)["seconds"]
+                        t[name].append(sec / k)
                 ips = {n: b / _med(v) for n, v in t.items()}
+                rates = {n: _rates(v, b) for n, v in t.items()}
+                pair = {p: [tp / tm for tp, tm in zip(t[p], t["mx_syn"])] for p in peers}
+                fastest = max(peers, key=lambda p: ips[p]) if peers else None
+                ev = {"mx": []}
+                ev.update({p: [] for p in peers if p.startswith("eager")})
+                for _ in range(rounds):
+                    ev["mx"].append(mxw("eval", steps=k)["seconds"] / k)
+                    for p in ev:
+                        if p != "mx":
+                            ev[p].append(thw("eval", steps=k, peer=p)["seconds"] / k)
                 eips = {n: b / _med(v) for n, v in ev.items()}
                 pipe_s = mxw("pipeline", steps=12)["seconds"]
-                train_gflops = 3 * 2 * info["macs"] * ips["mx_syn"] / 1e9
                 row = {"size": size, "bn": bn, "batch": b, "steps_per_chunk": k, "chunks": rounds,
-                       "macs": info["macs"], "img_s": ips, "eval_img_s": eips,
-                       "ratio_vs_torch": ips["mx_syn"] / ips["torch"],
+                       "macs": info["macs"], "img_s": ips, "img_s_chunks": rates, "eval_img_s": eips,
+                       "fastest_peer": fastest,
+                       "ratio_vs_fastest": ips["mx_syn"] / ips[fastest] if fastest else None,
+                       "pair_ratios": pair,
+                       "ratio_vs_peer": {p: ips["mx_syn"] / ips[p] for p in peers},
                        "real_vs_synthetic": ips["mx_real"] / ips["mx_syn"],
-                       "train_gflops": train_gflops, "share_of_peak": train_gflops / res["peak_gflops"],
-                       "torch_share_of_peak": 3 * 2 * info["macs"] * ips["torch"] / 1e9 / res["peak_gflops"],
+                       "train_gflops": {n: fl * v / 1e9 for n, v in ips.items()},
+                       "share_of_peak": {n: fl * v / 1e9 / peak for n, v in ips.items()},
                        "pipeline_ms_per_batch": 1000 * pipe_s,
                        "pipeline_share_of_step": pipe_s / _med(t["mx_syn"]),
                        "raw_step_s": t, "raw_eval_s": ev}
+                tag = f"{size:>3}px {'BN   ' if bn else 'no-BN'}"
+                print(f"{tag} MXNet (ours)  {ips['mx_syn']:8.1f} img/s [{_range(rates['mx_syn'])}]  "
+                      f"{fl * ips['mx_syn'] / 1e9:6.1f} GFLOP/s = {ips['mx_syn'] * fl / 1e9 / peak:.0%} of peak;  "
+                      f"real data {ips['mx_real']:.1f} ({row['real_vs_synthetic']:.0%})", flush=True)
+                for p in peers:
+                    print(f"{tag} PyTorch {PEER_LABEL[p]:<28} {ips[p]:8.1f} img/s [{_range(rates[p])}]  "
+                          f"{fl * ips[p] / 1e9 / peak:.0%} of peak;  ours/this {ips['mx_syn'] / ips[p]:.2f}x "
+                          f"(pairs {min(pair[p]):.2f}-{max(pair[p]):.2f})", flush=True)
+                if fastest:
+                    print(f"{tag} => ratio against the fastest peer ({PEER_LABEL[fastest]}): "
+                          f"{row['ratio_vs_fastest']:.2f}x, pair ratios {min(pair[fastest]):.2f}-"
+                          f"{max(pair[fastest]):.2f} ({len(pair[fastest])} pairs)", flush=True)
+                print(f"{tag} eval img/s: " + ", ".join(
+                    f"{'MXNet' if n == 'mx' else PEER_LABEL[n]} {v:.1f}" for n, v in eips.items())
+                    + f";  data pipeline alone {1000 * pipe_s:.1f} ms/batch = "
+                    f"{row['pipeline_share_of_step']:.1%} of a synthetic step", flush=True)
+                if args.alone and peers:
+                    alone = {**time_alone("mxnet", setup, k, rounds, ["mx_syn"]),
+                             **time_alone("torch", {**setup, "peers": peers}, k, rounds, peers)}
+                    row["alone_step_s"] = alone
+                    checks = {}
+                    for n in ["mx_syn", *peers]:
+                        a_r = _rates(alone[n], b)
+                        ok = within_noise(rates[n], a_r)
+                        checks[n] = {"alone_img_s": _med(a_r), "bench_img_s": ips[n], "within_noise": ok}
+                        label = "MXNet (ours)" if n == "mx_syn" else "PyTorch " + PEER_LABEL[n]
+                        print(f"{tag} alone check {label:<36} in bench {ips[n]:8.1f} [{_range(rates[n])}]  "
+                              f"alone {_med(a_r):8.1f} [{_range(a_r)}]  bench/alone {ips[n] / _med(a_r):.2f}  "
+                              f"{'within the noise' if ok else 'OUTSIDE the noise'}", flush=True)
+                    row["alone_check"] = checks
                 res["runs"].append(row)
-                print(f"{size:>3}px {'BN   ' if bn else 'no-BN'} train img/s: mxnet {ips['mx_syn']:7.1f} "
-                      f"(real data {ips['mx_real']:7.1f}, {row['real_vs_synthetic']:.0%})  torch {ips['torch']:7.1f}"
-                      f"  ratio {row['ratio_vs_torch']:.2f}x  {train_gflops:6.1f} GFLOP/s = "
-                      f"{row['share_of_peak']:.0%} of peak (torch {row['torch_share_of_peak']:.0%})  "
-                      f"eval img/s: mxnet {eips['mx']:7.1f} torch {eips['torch']:7.1f}  "
-                      f"data pipeline alone {1000 * pipe_s:.1f} ms/batch = {row['pipeline_share_of_step']:.1%} "
-                      f"of a synthetic step", flush=True)
         if args.epoch and 32 in sizes:
             mxw("setup", size=32, bn=True, batch=args.batch, fc_units=args.fc_units)
             mxw("train", steps=4, data="synthetic")
@@ -459,6 +827,19 @@ def throughput(args) -> dict:
         mxw.close()
         thw.close()
     res["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print("# summary (img/s medians; ratio = ours / fastest peer, [min-max of the pair ratios]; "
+          "share = training GFLOP/s / theoretical peak)")
+    for row in res["runs"]:
+        f = row["fastest_peer"]
+        alone = row.get("alone_check", {})
+        ok = sum(c["within_noise"] for c in alone.values())
+        print(f"#  {row['size']:>3}px {'BN   ' if row['bn'] else 'no-BN'} ours {row['img_s']['mx_syn']:8.1f}  "
+              f"fastest peer {PEER_LABEL[f] if f else '-'} {row['img_s'][f] if f else 0:8.1f}  "
+              f"ratio {row['ratio_vs_fastest'] or 0:.2f}x [{min(row['pair_ratios'][f]) if f else 0:.2f}-"
+              f"{max(row['pair_ratios'][f]) if f else 0:.2f}]  share ours {row['share_of_peak']['mx_syn']:.0%} / "
+              f"peer {row['share_of_peak'][f] if f else 0:.0%}"
+              + (f"  alone check: {ok} of {len(alone)} within the noise" if alone else ""), flush=True)
+    print(f"# load average at the end: {res['machine']['load_avg_end']}")
     return res
 
 
@@ -522,30 +903,146 @@ def threads(args) -> dict:
     return res
 
 
+# name -> (environment of the worker, setup overrides). "base" is the product's default.
+LEVERS = {
+    "base": ({}, {}),
+    "ctx2_omp1": ({"OMP_NUM_THREADS": "1"}, {"ctx": "cpu:0,1"}),   # two single-thread replicas
+    "omp1": ({"OMP_NUM_THREADS": "1"}, {}),                        # one context, one thread
+    "omp1_b64": ({"OMP_NUM_THREADS": "1"}, {"batch": 64}),         # what each replica does
+    "ctx2_omp2": ({}, {"ctx": "cpu:0,1"}),                         # two replicas, product threads
+    "ctx2_omp1_static": ({"OMP_NUM_THREADS": "1"}, {"ctx": "cpu:0,1", "static_alloc": True}),
+    "agg1": ({"MXNET_OPTIMIZER_AGGREGATION_SIZE": "1"}, {}),       # no multi_sgd_mom_update
+    "agg60": ({"MXNET_OPTIMIZER_AGGREGATION_SIZE": "60"}, {}),     # one update call for all params
+    "nobulk": ({"MXNET_EXEC_BULK_EXEC_TRAIN": "0"}, {}),
+    "bulk60": ({"MXNET_EXEC_BULK_EXEC_MAX_NODE_TRAIN_FWD": "60",
+                "MXNET_EXEC_BULK_EXEC_MAX_NODE_TRAIN_BWD": "60"}, {}),
+    "passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, {}),
+    "b64": ({}, {"batch": 64}),
+    "b256": ({}, {"batch": 256}),
+    "bf16": ({}, {"amp_bf16": True}),
+    "bf16_conv": ({}, {"amp_bf16": "conv"}),
+}
+
+
+def levers(args) -> dict:
+    """MXNet training img/s (synthetic batches, train_one_epoch) under each lever, one worker per
+    lever, interleaved chunks with the idle workers stopped; ratio to "base" with pair spread."""
+    names = [n for n in (args.only.split(",") if args.only else LEVERS) if n]
+    if "base" not in names:
+        names = ["base", *names]
+    res = {"machine": machine(), "command": " ".join(sys.argv), "sizes": {}}
+    print(f"# {res['machine']}", flush=True)
+    for size in [int(s) for s in args.sizes.split(",")]:
+        k, rounds = {32: (10, args.rounds), 96: (3, args.rounds), 224: (1, args.rounds)}[size]
+        if args.quick:
+            k = max(1, k // 2)
+        workers, batch = {}, {}
+        try:
+            for name in names:
+                env, over = LEVERS[name]
+                setup = {"size": size, "bn": args.variants != "nobn", "batch": args.batch,
+                         "fc_units": args.fc_units, **over}
+                batch[name] = setup["batch"]
+                workers[name] = Worker("mxnet", env)
+                info = workers[name]("setup", **setup)
+                workers[name]("train", steps=max(k, 2), data="synthetic")
+                workers[name]("train", steps=k, data="synthetic")
+                print(f"# {name}: env {env} setup {over} contexts {info['ctx']}", flush=True)
+            t = {n: [] for n in names}
+            for r in range(rounds):
+                order = names[r % len(names):] + names[:r % len(names)]
+                for name in order:
+                    t[name].append(workers[name]("train", steps=k, data="synthetic")["seconds"] / k)
+            ips = {n: batch[n] / _med(v) for n, v in t.items()}
+            pair = {n: [(batch[n] / tn) / (batch["base"] / tb) for tn, tb in zip(t[n], t["base"])] for n in names}
+            res["sizes"][size] = {"img_s": ips, "pair_ratio_to_base": pair, "raw_step_s": t, "batch": batch}
+            for n in names:
+                rates = _rates(t[n], batch[n])
+                print(f"{size:>3}px {n:>10}: {ips[n]:8.1f} img/s [{_range(rates)}]  vs base "
+                      f"{ips[n] / ips['base']:.2f}x (pairs {min(pair[n]):.2f}-{max(pair[n]):.2f})", flush=True)
+        finally:
+            for w in workers.values():
+                w.close()
+    res["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    print(f"# load average at the end: {res['machine']['load_avg_end']}")
+    return res
+
+
+def onednn(args) -> dict:
+    """Which oneDNN kernels one MXNet training step runs (float32, and AMP bfloat16 with --bf16)."""
+    res = {"machine": machine(), "command": " ".join(sys.argv), "reports": {}}
+    for size in [int(s) for s in args.sizes.split(",")]:
+        for bf16 in ([False, True, "conv"] if args.bf16 else [False]):
+            rep = onednn_report(size=size, bn=args.variants != "nobn", batch=args.batch, amp_bf16=bf16)
+            label = f"{size} px, " + {False: "float32", True: "AMP bfloat16",
+                                      "conv": "AMP bfloat16, convolutions only"}[bf16]
+            res["reports"][label] = rep
+            print_onednn(rep, label)
+    return res
+
+
+def peak_only(args) -> dict:
+    threads = int(os.environ["OMP_NUM_THREADS"])
+    res = {"machine": machine(), "command": " ".join(sys.argv)}
+    print(f"# {res['machine']}", flush=True)
+    res["peak"] = pk = theoretical_peak(threads, Path(args.out))
+    print_peak(pk)
+    mxw, thw = Worker("mxnet"), Worker("torch")
+    try:
+        res["matmul_gflops"] = mm = matmuls(mxw, thw)
+    finally:
+        mxw.close()
+        thw.close()
+    for name, by_n in mm.items():
+        print(f"matmul fp32 {name:<19} " + "  ".join(f"{n}: {g:6.1f} ({g / pk['peak_gflops']:.0%})"
+                                                     for n, g in by_n.items()) + " GFLOP/s (share of peak)")
+    res["machine"]["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
+    return res
+
+
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "worker":
         worker_main(sys.argv[2])
         return
-    # The package's own thread choice (vgg_gluon._env: one OpenMP thread per core idle now, or the
-    # user's OMP_NUM_THREADS / VGG_GLUON_THREADS), made once here and inherited by BOTH workers.
-    sys.path.insert(0, str(HERE.parent))
-    import vgg_gluon  # noqa: F401
-    print(f"# threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} for MXNet and PyTorch", flush=True)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["throughput", "syncs", "threads"])
+    ap.add_argument("mode", choices=["throughput", "levers", "onednn", "peak", "syncs", "threads"])
     ap.add_argument("--sizes", default="32,96,224")
     ap.add_argument("--variants", default="bn,nobn", help="bn, nobn or both")
+    ap.add_argument("--peers", default=",".join(PEERS), help=f"PyTorch peers, any of {','.join(PEERS)}")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--fc-units", type=int, default=None, help="default 4096 x width = 1024")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=20, help="steps per chunk (syncs)")
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="", help="threads/levers: comma-separated names")
     ap.add_argument("--quick", action="store_true", help="fewer steps per chunk (a smoke test)")
+    ap.add_argument("--no-pause", dest="pause", action="store_false",
+                    help="do not stop the idle worker while another is timed (the old, unfair method)")
+    ap.add_argument("--wait-policy", choices=["default", "passive"], default="default",
+                    help="passive: OMP_WAIT_POLICY=PASSIVE and KMP_BLOCKTIME=0 in every worker")
+    ap.add_argument("--no-alone", dest="alone", action="store_false",
+                    help="skip timing each framework again in a process of its own")
+    ap.add_argument("--no-onednn", dest="onednn", action="store_false", help="skip the oneDNN verbose report")
+    ap.add_argument("--bf16", action="store_true", help="onednn: also run MXNet AMP bfloat16")
     ap.add_argument("--no-epoch", dest="epoch", action="store_false", help="skip the whole real-data epochs")
     ap.add_argument("--real-epochs", type=int, default=3, help="whole real-data epochs at 32 px (median reported)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
-    res = {"throughput": throughput, "syncs": syncs, "threads": threads}[args.mode](args)
+    Worker.pause_idle = args.pause
+    if args.wait_policy == "passive":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ["KMP_BLOCKTIME"] = "0"
+    # The package's own thread choice (vgg_gluon._env: one OpenMP thread per core idle now, or the
+    # user's OMP_NUM_THREADS / VGG_GLUON_THREADS), made once here and inherited by every worker.
+    sys.path.insert(0, str(HERE.parent))
+    import vgg_gluon  # noqa: F401
+    print(f"# threads: OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} for MXNet and PyTorch", flush=True)
+    modes = {"throughput": throughput, "levers": levers, "onednn": onednn, "peak": peak_only,
+             "syncs": syncs, "threads": threads}
+    try:
+        res = modes[args.mode](args)
+    finally:
+        for w in list(Worker.live):
+            w._signal(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
