@@ -496,3 +496,36 @@ def test_tensorboard_writes_scalars_graph_and_mistakes(tmp_path, cli_env):
     assert {"Convolution", "BatchNorm", "Pooling", "FullyConnected"} <= ops
     images = [v for e in events for v in e.summary.value if v.tag == "mistakes"]
     assert len(images) == 1 and images[0].image.width > 100
+
+
+def test_refused_resume_of_a_pre_lock_run_creates_nothing(run_dir, cli_env, tmp_path):
+    """A run folder without .lock (from before the lock existed): a refused resume adds no file."""
+    import shutil
+    run = tmp_path / "old"
+    shutil.copytree(run_dir, run)
+    (run / ".lock").unlink(missing_ok=True)
+    before = sorted(p.name for p in run.iterdir())
+    r = invoke_cli("resume", run, "--lr", "0.5")
+    assert r.exit_code == 2
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_second_trainer_of_a_run_is_refused_by_the_folder_lock(run_dir, tmp_path):
+    """The lock is the run folder's own flock: a second holder is refused, naming the pid."""
+    import subprocess
+    import sys
+
+    from vgg_gluon import checkpoint as ck
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               f"fd = os.open({str(run_dir)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('locked', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ck.CheckpointError, match=f"in use by another vgg-gluon process \\(pid {holder.pid}\\)"):
+            with ck.run_lock(run_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with ck.run_lock(run_dir):   # free again once the holder is gone
+        pass

@@ -180,32 +180,32 @@ def read_pointer(run_dir: Path, which: str) -> Optional[Checkpoint]:
     return _checkpoint_at(Path(run_dir) / name, m)
 
 
-LOCK = ".lock"
+LOCK = ".lock"   # the lock file of runs before 2026-12 (left alone; the folder itself is locked now)
 MARKER = ".running.json"   # pid and host of the training process (runs.RunMarker writes it)
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold RUN/.lock (flock) while a process trains into `run_dir`, so a second train or resume of
-    the same run is refused instead of deleting the first one's save in progress or interleaving
-    checkpoints. The kernel drops the lock when the process dies, kill -9 included; where the file
-    system has no flock (some network mounts), the run goes on unlocked.
+    """Hold a lock (flock on the run folder itself) while a process trains into `run_dir`, so a
+    second train or resume of the same run is refused instead of deleting the first one's save in
+    progress or interleaving checkpoints. The kernel drops the lock when the process dies, kill -9
+    included; where the file system has no flock (some network mounts), the run goes on unlocked.
 
-    Nothing is written into the file: a command that is then refused (a damaged checkpoint, a
-    setting that cannot change) leaves every byte of the run folder as it was. The holder's pid
-    for the message comes from the kernel's lock table instead."""
+    Nothing is created or written: a command that is then refused (a damaged checkpoint, a setting
+    that cannot change) leaves every byte of the run folder as it was, runs from before the lock
+    included. (Until 2026-12 the lock was a RUN/.lock file; such files are left alone.) The
+    holder's pid for the message comes from the kernel's lock table."""
     import fcntl
-    path = Path(run_dir) / LOCK
     try:
-        f = open(path, "a+", encoding="utf-8")   # creates the file only for a new (or pre-lock) run
+        fd = os.open(str(run_dir), os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         yield
         return
     try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _lock_holder(f.fileno(), Path(run_dir))
+            holder = _lock_holder(fd, Path(run_dir))
             raise CheckpointError(f"{run_dir}: in use by another vgg-gluon process"
                                   + (f" (pid {holder})" if holder else "") + "; wait for it to finish or stop "
                                   "it (Ctrl-C saves a checkpoint), then resume") from None
@@ -213,7 +213,7 @@ def run_lock(run_dir: Path):
             pass  # no flock on this file system
         yield
     finally:
-        f.close()  # releases the lock
+        os.close(fd)  # releases the lock
 
 
 def _lock_holder(fd: int, run_dir: Path) -> Optional[int]:
