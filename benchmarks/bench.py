@@ -937,6 +937,12 @@ LEVERS = {
     # operators that draw the same buffer wait for each other: the replicas then run one at a time.
     "ctx2_omp1_temp64": ({"OMP_NUM_THREADS": "1", "MXNET_CPU_TEMP_COPY": "64"}, {"ctx": "cpu:0,1"}),
     "temp64": ({"MXNET_CPU_TEMP_COPY": "64"}, {}),
+    # Inter-operator parallelism in one context (same operators, same results): two engine
+    # workers, one OpenMP thread each.
+    "omp1_workers2": ({"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "2"}, {}),
+    "omp1_workers2_temp64": ({"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "2",
+                              "MXNET_CPU_TEMP_COPY": "64"}, {}),
+    "omp2_workers2": ({"MXNET_CPU_WORKER_NTHREADS": "2"}, {}),
     "agg1": ({"MXNET_OPTIMIZER_AGGREGATION_SIZE": "1"}, {}),       # no multi_sgd_mom_update
     "agg60": ({"MXNET_OPTIMIZER_AGGREGATION_SIZE": "60"}, {}),     # one update call for all params
     "nobulk": ({"MXNET_EXEC_BULK_EXEC_TRAIN": "0"}, {}),
