@@ -248,6 +248,8 @@ def _fold_conv_bias_into_bn(entries: List[Tuple[str, mx.nd.NDArray]]
     return out, folded
 
 
+# Longer than 60 lines on purpose: one pass that reads, recognises the layout, checks every shape
+# in order and names the first mismatch; split, the order of the checks would be spread out.
 def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
                     input_shape: Tuple[int, int, int]) -> LoadReport:
     """Load `path` into `net` on every context of `ctx_list`, from our layout or a tutorial's.

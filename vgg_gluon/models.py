@@ -248,6 +248,8 @@ class VGG(gluon.HybridBlock):
             the network can be described (`layer_summary`) and matched against files.
     """
 
+    # 61 lines: the children are registered in the order and under the names that become the
+    # parameter names of every checkpoint, so they stay in one readable block.
     def __init__(self, spec: Sequence[Tuple[int, int]], num_classes: int, *, batch_norm: bool = False,
                  fc_units: int = BASE_FC_UNITS, dropout: float = 0.5, arch: str = "vgg",
                  width: float = 1.0, layout: Optional[Layout] = None,
