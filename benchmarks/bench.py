@@ -87,8 +87,8 @@ class MXWorker:
         sys.modules["torch"] = None
         import vgg_gluon  # noqa: F401, I001  (thread settings before mxnet)
         import mxnet as mx
-        from vgg_gluon import engine, models
-        self.mx, self.engine, self.models = mx, engine, models
+        from vgg_gluon import engine, netsummary
+        self.mx, self.engine, self.netsummary = mx, engine, netsummary
         self.s = None
         self.dataset = None
         self.real_pos = 0
@@ -141,7 +141,7 @@ class MXWorker:
         self.syn = (xs, ys)
         self.real_pos = 0
         self.seed = a.get("seed", 42)
-        macs = self.models.count_macs("vgg11", 0.25, a["bn"], cfg.fc_units, 10, tuple(self.s.input_shape))
+        macs = self.netsummary.count_macs("vgg11", 0.25, a["bn"], cfg.fc_units, 10, tuple(self.s.input_shape))
         return {"macs": macs, "steps_per_epoch": len(self.s.train_loader), "ctx": [str(c) for c in ctx]}
 
     def _run(self, loader):

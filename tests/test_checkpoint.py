@@ -105,31 +105,79 @@ def test_leftover_temporaries_are_removed(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def _steps(net, tr, ctx, n, seed=7):
+    """n more training steps on fixed data (the same for every caller)."""
+    rng = np.random.default_rng(seed)
+    mx.random.seed(seed)   # the same dropout masks
+    loss = gluon.loss.SoftmaxCrossEntropyLoss()
+    for _ in range(n):
+        x = mx.nd.array(rng.uniform(size=(4 * len(ctx), 1, 32, 32)))
+        y = mx.nd.array(rng.integers(0, 10, 4 * len(ctx)))
+        xs, ys = gluon.utils.split_and_load(x, list(ctx)), gluon.utils.split_and_load(y, list(ctx))
+        with autograd.record():
+            ls = [loss(net(a), b) for a, b in zip(xs, ys)]
+        autograd.backward(ls)
+        tr.step(x.shape[0])
+    mx.nd.waitall()
+
+
+def _copy_weights(src, dst):
+    for p, q in zip(src.collect_params().values(), dst.collect_params().values()):
+        q.set_data(p.data())
+
+
+def _updaters(tr):
+    """Where a trainer's optimizer state lives: one updater per device, or the kvstore's one
+    (update_on_kvstore, MXNet's choice for kvstore 'device' with several devices)."""
+    return [tr._kvstore._updater] if tr._update_on_kvstore else tr._updaters
+
+
+def _assert_same_training_state(tr_a, tr_b, ctx):
+    """Everything a step reads: the update count, the schedule, and every device's optimizer state."""
+    oa, ob = tr_a._optimizer, tr_b._optimizer
+    assert type(oa) is type(ob) and ob.num_update == oa.num_update
+    assert ob._index_update_count == oa._index_update_count
+    for u in (0, oa.num_update, 7):
+        assert ob.lr_scheduler(u) == oa.lr_scheduler(u)
+    assert tr_a._update_on_kvstore == tr_b._update_on_kvstore
+    assert len(_updaters(tr_b)) == len(_updaters(tr_a)) == (1 if tr_a._update_on_kvstore else len(ctx))
+    for ua, ub in zip(_updaters(tr_a), _updaters(tr_b)):
+        assert ub.optimizer is ob
+        assert ua.states.keys() == ub.states.keys()
+        for k in ua.states:
+            a = ua.states[k] if isinstance(ua.states[k], (list, tuple)) else [ua.states[k]]
+            b = ub.states[k] if isinstance(ub.states[k], (list, tuple)) else [ub.states[k]]
+            assert len(a) == len(b), k
+            for x, y in zip(a, b):
+                assert (x is None) == (y is None), k
+                if x is not None:
+                    np.testing.assert_array_equal(x.asnumpy(), y.asnumpy(), err_msg=str(k))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "nag", "adam"])
-def test_restricted_states_load_equals_mxnet_load(tmp_path, optimizer):
-    net, tr = _net_and_trainer(optimizer)
+@pytest.mark.parametrize("ctx", [(mx.cpu(0),), (mx.cpu(0), mx.cpu(1))], ids=["1dev", "2dev"])
+def test_restricted_states_load_equals_mxnet_load(tmp_path, optimizer, ctx):
+    """Our loader restores what MXNet's own Trainer.load_states restores, on every device, and the
+    training that follows is the one the saving trainer would have done."""
+    net, tr = _net_and_trainer(optimizer, ctx=ctx)
     tr.save_states(str(tmp_path / "s.states"))
-    net2, tr2 = _net_and_trainer(optimizer, steps=1)
-    ck.load_trainer_states(tr2, tmp_path / "s.states")
-    assert tr2._optimizer.num_update == tr._optimizer.num_update
-    assert type(tr2._optimizer).__name__ == type(tr._optimizer).__name__
-    s1, s2 = tr._updaters[0].states, tr2._updaters[0].states
-    assert s1.keys() == s2.keys()
-    for k in s1:
-        a = s1[k] if isinstance(s1[k], (list, tuple)) else [s1[k]]
-        b = s2[k] if isinstance(s2[k], (list, tuple)) else [s2[k]]
-        for x, y in zip(a, b):
-            if x is not None:
-                np.testing.assert_array_equal(x.asnumpy(), y.asnumpy())
-
-
-def test_states_on_two_contexts(tmp_path):
-    ctx = (mx.cpu(0), mx.cpu(1))
-    net, tr = _net_and_trainer(ctx=ctx)
-    tr.save_states(str(tmp_path / "s.states"))
-    net2, tr2 = _net_and_trainer(ctx=ctx, steps=1)
-    ck.load_trainer_states(tr2, tmp_path / "s.states")
-    assert tr2._optimizer.num_update == tr._optimizer.num_update
+    ours_net, ours = _net_and_trainer(optimizer, ctx=ctx, steps=1)
+    # The saved weights first, as resume loads them (with update_on_kvstore, a later set_data
+    # resets the kvstore and with it the optimizer state).
+    _copy_weights(net, ours_net)
+    ck.load_trainer_states(ours, tmp_path / "s.states")
+    ref_net, ref = _net_and_trainer(optimizer, ctx=ctx, steps=1)
+    ref.load_states(str(tmp_path / "s.states"))
+    _assert_same_training_state(ref, ours, ctx)
+    _assert_same_training_state(tr, ours, ctx)
+    # Continued from the same weights, the loaded trainer trains exactly as the saving one.
+    _steps(net, tr, ctx, 2)
+    _steps(ours_net, ours, ctx, 2)
+    for p, q in zip(net.collect_params().values(), ours_net.collect_params().values()):
+        if p.grad_req == "null":
+            continue    # BatchNorm statistics: per device, not the optimizer's
+        for c in ctx:
+            np.testing.assert_array_equal(p.data(c).asnumpy(), q.data(c).asnumpy(), err_msg=f"{p.name} {c}")
 
 
 class _Evil:

@@ -4,10 +4,9 @@ import os
 import stat
 
 import pytest
-from conftest import invoke_cli
+from conftest import EXIT_INPUT, EXIT_USAGE, invoke_cli, one_line_error, tiny_args
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
-        "--test-limit", "64", "--quiet"]
+TINY = tiny_args(train_limit=128)
 
 
 def _invoke(*args, **kw):
@@ -74,50 +73,41 @@ def test_resume_from_bare_params_starts_new_run(trained_run, cli_env, tmp_path):
     assert not (tmp_path / "fromparams" / "epoch-0001").exists()
 
 
-def _one_line_error(r, *words):
-    assert r.exit_code not in (0, None), r.output
-    assert "Traceback" not in r.output
-    err_lines = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
-    assert len(err_lines) == 1, r.output
-    for w in words:
-        assert w in err_lines[0], r.output
-
-
-@pytest.mark.parametrize("args, words", [
-    (["train", "--dataset", "mnist"], ["mnist"]),
-    (["train", "--arch", "vgg12"], ["vgg12"]),
-    (["train", "--ctx", "tpu"], ["unknown context 'tpu'"]),
-    (["train", "--ctx", "gpu:0"], ["GPU"]),
-    (["train", "--epochs", "0"], ["'--epochs': must be positive"]),
-    (["train", "--batch-size", "-4"], ["'--batch-size': must be positive"]),
-    (["train", "--lr", "-1"], ["'--lr': must be positive"]),
-    (["train", "--image-size", "8"], ["8"]),
-    (["train", "--config", "nonexistent.yaml"], ["nonexistent.yaml"]),
-    (["resume"], ["either a run folder or --params"]),
-    (["resume", "/no/such/run"], ["no such run folder"]),
-    (["evaluate", "/no/such/run"], ["no such run folder"]),
-    (["resume", "--params", "/no/such.params", "--dataset", "cifar10"], ["no such file"]),
-    (["traim"], ["traim"]),
+@pytest.mark.parametrize("args, code, words", [
+    (["train", "--dataset", "mnist"], EXIT_USAGE, ["mnist"]),
+    (["train", "--arch", "vgg12"], EXIT_USAGE, ["vgg12"]),
+    (["train", "--ctx", "tpu"], EXIT_USAGE, ["unknown context 'tpu'"]),
+    (["train", "--ctx", "gpu:0"], EXIT_INPUT, ["GPU"]),
+    (["train", "--epochs", "0"], EXIT_USAGE, ["'--epochs': must be positive"]),
+    (["train", "--batch-size", "-4"], EXIT_USAGE, ["'--batch-size': must be positive"]),
+    (["train", "--lr", "-1"], EXIT_USAGE, ["'--lr': must be positive"]),
+    (["train", "--image-size", "8"], EXIT_USAGE, ["8"]),
+    (["train", "--config", "nonexistent.yaml"], EXIT_USAGE, ["nonexistent.yaml"]),
+    (["resume"], EXIT_USAGE, ["either a run folder or --params"]),
+    (["resume", "/no/such/run"], EXIT_INPUT, ["no such run folder"]),
+    (["evaluate", "/no/such/run"], EXIT_INPUT, ["no such run folder"]),
+    (["resume", "--params", "/no/such.params", "--dataset", "cifar10"], EXIT_INPUT, ["no such file"]),
+    (["traim"], EXIT_USAGE, ["traim"]),
 ])
-def test_bad_input_is_one_line(args, words, cli_env):
-    _one_line_error(_invoke(*args), *words)
+def test_bad_input_is_one_line(args, code, words, cli_env):
+    one_line_error(_invoke(*args), code, *words)
 
 
 def test_missing_data_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("VGG_GLUON_DATA_DIR", str(tmp_path / "empty"))
     r = _invoke("train", "--dataset", "cifar10", "--epochs", 1)
-    _one_line_error(r)
+    one_line_error(r, EXIT_INPUT)
     assert "cifar" in r.output.lower()
 
 
 def test_resume_refuses_changing_the_model(trained_run, cli_env):
-    _one_line_error(_invoke("resume", trained_run, "--width", "0.5"), "--width cannot change")
+    one_line_error(_invoke("resume", trained_run, "--width", "0.5"), EXIT_USAGE, "--width cannot change")
 
 
 def test_existing_run_name_is_not_overwritten(trained_run, cli_env):
     before = sorted(p.name for p in trained_run.iterdir())
     r = _invoke("train", *TINY, "--epochs", 1, "--output-dir", trained_run.parent, "--name", "run")
-    _one_line_error(r, "already exists")
+    one_line_error(r, EXIT_INPUT, "already exists")
     assert sorted(p.name for p in trained_run.iterdir()) == before
 
 
@@ -126,10 +116,11 @@ def test_unwritable_output_dir(tmp_path, cli_env):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    _one_line_error(_invoke("train", *TINY, "--epochs", 1, "--output-dir", ro), "not writable")
+    one_line_error(_invoke("train", *TINY, "--epochs", 1, "--output-dir", ro), EXIT_INPUT, "not writable")
 
 
-def test_corrupt_checkpoint_falls_back_with_message(trained_run, cli_env, tmp_path):
+def test_corrupt_checkpoint_falls_back_with_message(trained_run, cli_env, tmp_path, caplog):
+    """The warning itself (that it reaches a terminal without -v: test_faults, in a subprocess)."""
     import shutil
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
@@ -137,6 +128,10 @@ def test_corrupt_checkpoint_falls_back_with_message(trained_run, cli_env, tmp_pa
     r = _invoke("evaluate", run, "--which", "last", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output.splitlines()[-1])["epoch"] == 1
+    warned = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert str(run / "epoch-0002" / "model.params") in warned[0] and "corrupted" in warned[0]
+    assert warned[0].endswith("using the previous complete checkpoint epoch-0001"), warned[0]
 
 
 def _tutorial_vgg(ratio: int, fc: int, flatten: bool = True):
@@ -167,8 +162,8 @@ def test_resume_from_tutorial_params_file(tmp_path, cli_env, flatten):
     net(mx.nd.zeros((1, 1, 32, 32)))
     path = tmp_path / "TinyVGG11.params"
     net.save_parameters(str(path))
-    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--arch", "vgg11", *TINY[4:],
-                "--epochs", 1, "--output-dir", tmp_path, "--name", "tut")
+    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--arch", "vgg11",
+                *tiny_args(train_limit=128, model=False), "--epochs", 1, "--output-dir", tmp_path, "--name", "tut")
     assert r.exit_code == 0, r.output
     assert "tutorial" in r.output.lower() or "mapped" in r.output.lower(), r.output
     cfg = (tmp_path / "tut" / "config.yaml").read_text()
@@ -183,6 +178,6 @@ def test_tutorial_params_with_wrong_flags_name_first_mismatch(tmp_path, cli_env)
     net(mx.nd.zeros((1, 1, 32, 32)))
     path = tmp_path / "t.params"
     net.save_parameters(str(path))
-    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--width", "0.25", *TINY[4:],
-                "--epochs", 1, "--output-dir", tmp_path)
-    _one_line_error(r, "t.params", "shape")
+    r = _invoke("resume", "--params", path, "--dataset", "fashion-mnist", "--width", "0.25",
+                *tiny_args(train_limit=128, model=False), "--epochs", 1, "--output-dir", tmp_path)
+    one_line_error(r, EXIT_INPUT, "t.params", "shape")

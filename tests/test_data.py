@@ -94,7 +94,7 @@ def folder_members(root: Path) -> Dict[str, bytes]:
 @pytest.fixture
 def no_system_fashion(monkeypatch, tmp_path):
     """Hide Debian's Fashion-MNIST so tests see only their own files."""
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-fashion")
+    monkeypatch.setattr(D.base, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-fashion")
 
 
 @pytest.fixture
@@ -156,10 +156,10 @@ def test_fashion_uncompressed_files(tmp_path, no_system_fashion):
 def test_fashion_partial_folder_completed_by_download(tmp_path, no_system_fashion, monkeypatch, caplog):
     mirror = tmp_path / "mirror"
     make_fashion(mirror)
-    specs = {k: D._IdxFile(v.name, hashlib.md5((mirror / (v.name + ".gz")).read_bytes()).hexdigest(),
-                           v.sha256, v.count) for k, v in D._FASHION_FILES.items()}
-    monkeypatch.setattr(D, "_FASHION_FILES", specs)
-    monkeypatch.setattr(D, "FASHION_MNIST_URL", mirror.as_uri() + "/")
+    specs = {k: D.base.IdxFile(v.name, hashlib.md5((mirror / (v.name + ".gz")).read_bytes()).hexdigest(),
+                           v.sha256, v.count) for k, v in D.base.FASHION_FILES.items()}
+    monkeypatch.setattr(D.base, "FASHION_FILES", specs)
+    monkeypatch.setattr(D.base, "FASHION_MNIST_URL", mirror.as_uri() + "/")
     own = tmp_path / "data" / "fashion-mnist"
     own.mkdir(parents=True)
     (own / "train-images-idx3-ubyte.gz").write_bytes((mirror / "train-images-idx3-ubyte.gz").read_bytes())
@@ -251,7 +251,7 @@ def test_fashion_full_size_checksum(tmp_path, no_system_fashion):
 def test_fashion_system_dir_used_and_reinstall_hint(tmp_path, monkeypatch):
     system = tmp_path / "usr-share"
     make_fashion(system)
-    monkeypatch.setattr(D, "SYSTEM_FASHION_MNIST_DIR", system)
+    monkeypatch.setattr(D.base, "SYSTEM_FASHION_MNIST_DIR", system)
     ds = D.load_dataset("fashion-mnist", tmp_path / "empty", download=False)
     assert ds.source == str(system)
     _corrupt("truncated-gzip", system, None)
@@ -264,16 +264,61 @@ def test_fashion_download_via_file_url(tmp_path, no_system_fashion, monkeypatch)
     mirror = tmp_path / "mirror"
     make_fashion(mirror)
     specs = {}
-    for key, spec in D._FASHION_FILES.items():
+    for key, spec in D.base.FASHION_FILES.items():
         md5 = hashlib.md5((mirror / (spec.name + ".gz")).read_bytes()).hexdigest()
-        specs[key] = D._IdxFile(spec.name, md5, spec.sha256, spec.count)
-    monkeypatch.setattr(D, "_FASHION_FILES", specs)
-    monkeypatch.setattr(D, "FASHION_MNIST_URL", mirror.as_uri() + "/")
+        specs[key] = D.base.IdxFile(spec.name, md5, spec.sha256, spec.count)
+    monkeypatch.setattr(D.base, "FASHION_FILES", specs)
+    monkeypatch.setattr(D.base, "FASHION_MNIST_URL", mirror.as_uri() + "/")
     data_dir = tmp_path / "data"
     ds = D.load_dataset("fashion-mnist", data_dir, download=True)
     assert len(ds.train) == 12 and ds.source == str(data_dir / "fashion-mnist")
     assert sorted(p.name for p in (data_dir / "fashion-mnist").iterdir()) == sorted(
         s.name + ".gz" for s in specs.values())
+
+
+def test_fashion_download_with_a_wrong_md5_is_refused(tmp_path, no_system_fashion, monkeypatch):
+    """A download whose .gz differs from the official MD5 (here: a small stand-in served instead of
+    the official file) is refused and leaves nothing behind. The content SHA-256 check does not
+    apply to it (not the official size), so the MD5 is the only guard."""
+    mirror = tmp_path / "mirror"
+    make_fashion(mirror)
+    monkeypatch.setattr(D.base, "FASHION_MNIST_URL", mirror.as_uri() + "/")
+    data_dir = tmp_path / "data"
+    official = D.base.FASHION_FILES["train-images"].gz_md5
+    with pytest.raises(D.DataError, match=rf"is corrupted \(md5 [0-9a-f]{{32}}, expected {official}\)"):
+        D.load_dataset("fashion-mnist", data_dir, download=True)
+    assert not list((data_dir / "fashion-mnist").iterdir())
+
+
+def test_data_command(tmp_path, no_system_fashion, monkeypatch):
+    """`vgg-gluon data`: CIFAR-10 from an archive (then idempotent), Fashion-MNIST downloaded and
+    verified, and --no-download without the files: one line, exit 1, nothing fetched."""
+    from conftest import EXIT_INPUT, invoke_cli, one_line_error
+    src = tmp_path / "src"
+    make_image_folder(src)
+    archive = make_tar(tmp_path / "c.tar.gz", folder_members(src))
+    data_dir = tmp_path / "data"
+    for _ in range(2):
+        r = invoke_cli("data", "cifar10", "--data-dir", data_dir, "--from-archive", archive)
+        assert r.exit_code == 0, r.output
+        assert "9 train / 6 test" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert (data_dir / "cifar10" / "decoded-cache.npz").is_file()
+
+    mirror = tmp_path / "mirror"
+    make_fashion(mirror)
+    monkeypatch.setattr(D.base, "FASHION_MNIST_URL", mirror.as_uri() + "/")
+    line = one_line_error(invoke_cli("data", "fashion-mnist", "--data-dir", data_dir, "--no-download"),
+                          EXIT_INPUT, "Fashion-MNIST not found")
+    assert "apt-get install dataset-fashion-mnist" in line and not (data_dir / "fashion-mnist").exists()
+    one_line_error(invoke_cli("data", "fashion-mnist", "--data-dir", data_dir), EXIT_INPUT, "is corrupted (md5")
+    md5 = {v.name: hashlib.md5((mirror / (v.name + ".gz")).read_bytes()).hexdigest()
+           for v in D.base.FASHION_FILES.values()}
+    monkeypatch.setattr(D.base, "FASHION_FILES", {k: D.base.IdxFile(v.name, md5[v.name], v.sha256, v.count)
+                                              for k, v in D.base.FASHION_FILES.items()})
+    r = invoke_cli("data", "fashion-mnist", "--data-dir", data_dir)
+    assert r.exit_code == 0 and "12 train / 5 test" in r.output, r.output
+    assert sorted(p.name for p in (data_dir / "fashion-mnist").iterdir()) == sorted(
+        v.name + ".gz" for v in D.base.FASHION_FILES.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,12 +330,12 @@ def test_download_file_url_and_checksums(tmp_path):
     payload = os.urandom(3 << 20)
     src.write_bytes(payload)
     dest = tmp_path / "out" / "file.bin"
-    D.download(src.as_uri(), dest, md5=hashlib.md5(payload).hexdigest(),
+    D.fetch.download(src.as_uri(), dest, md5=hashlib.md5(payload).hexdigest(),
                sha256=hashlib.sha256(payload).hexdigest())
     assert dest.read_bytes() == payload
     bad = tmp_path / "out" / "bad.bin"
     with pytest.raises(D.DataError, match="corrupted"):
-        D.download(src.as_uri(), bad, md5="0" * 32)
+        D.fetch.download(src.as_uri(), bad, md5="0" * 32)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["file.bin"]  # no bad.bin, no temp
 
 
@@ -308,14 +353,14 @@ def test_download_interrupted_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: Broken())
     with pytest.raises(KeyboardInterrupt):
-        D.download("http://example.invalid/f", tmp_path / "f.bin")
+        D.fetch.download("http://example.invalid/f", tmp_path / "f.bin")
     assert list(tmp_path.iterdir()) == []
 
     def unreachable(*a, **k):
         raise urllib.error.URLError("no route to host")
     monkeypatch.setattr(urllib.request, "urlopen", unreachable)
     with pytest.raises(D.DataError, match="cannot download"):
-        D.download("http://example.invalid/f", tmp_path / "f.bin")
+        D.fetch.download("http://example.invalid/f", tmp_path / "f.bin")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -371,17 +416,17 @@ def test_image_folder_and_cache(tmp_path, no_network, where, caplog):
     assert ds.train.images[3, 0, 0].tolist() == [80, 20, 7]
     cache = root / "decoded-cache.npz"
     assert cache.is_file()
-    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in root.iterdir() if ".tmp" in p.name]
 
     # A second load uses the cache (the decoder is not called).
     def no_decode(*a, **k):
         raise AssertionError("decoded again although the cache is valid")
-    orig = D._decode_images
-    D._decode_images = no_decode
+    orig = D.readers._decode_images
+    D.readers._decode_images = no_decode
     try:
         again = D.load_dataset("cifar10", tmp_path, download=False, train_limit=4)
     finally:
-        D._decode_images = orig
+        D.readers._decode_images = orig
     np.testing.assert_array_equal(again.train.images, ds.train.images[:4])
     assert again.classes == ds.classes
 
@@ -436,12 +481,12 @@ def test_prepare_from_image_folder_archive(tmp_path, no_network):
     assert not [p for p in (data_dir / "cifar10").iterdir() if p.name.startswith(".extract")
                 or p.name.startswith(".archive")]
     # Idempotent: the second run neither extracts nor decodes.
-    orig_extract, orig_decode = D._extract_cifar_archive, D._decode_images
-    D._extract_cifar_archive = D._decode_images = None  # calling either would raise TypeError
+    orig_extract, orig_decode = D._extract_cifar_archive, D.readers._decode_images
+    D._extract_cifar_archive = D.readers._decode_images = None  # calling either would raise TypeError
     try:
         assert D.prepare_dataset("cifar10", data_dir, from_archive=archive, download=False) == summary
     finally:
-        D._extract_cifar_archive, D._decode_images = orig_extract, orig_decode
+        D._extract_cifar_archive, D.readers._decode_images = orig_extract, orig_decode
 
 
 def test_prepare_reextracts_when_folder_removed_or_archive_changed(tmp_path):
@@ -513,13 +558,13 @@ def test_cifar_download_via_file_url(tmp_path, monkeypatch):
     src = tmp_path / "src"
     make_cifar_binary(src / "cifar-10-batches-bin")
     archive = make_tar(tmp_path / "official.tar.gz", folder_members(src))
-    monkeypatch.setattr(D, "CIFAR10_BINARY_URL", archive.as_uri())
-    monkeypatch.setattr(D, "CIFAR10_BINARY_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
+    monkeypatch.setattr(D.base, "CIFAR10_BINARY_URL", archive.as_uri())
+    monkeypatch.setattr(D.base, "CIFAR10_BINARY_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     ds = D.load_dataset("cifar10", tmp_path / "data", download=True)
     assert len(ds.train) == 20
     assert not (tmp_path / "data" / "cifar10" / "cifar-10-binary.tar.gz").exists()
     # A mismatching MD5 leaves neither the archive nor extracted files.
-    monkeypatch.setattr(D, "CIFAR10_BINARY_MD5", "0" * 32)
+    monkeypatch.setattr(D.base, "CIFAR10_BINARY_MD5", "0" * 32)
     with pytest.raises(D.DataError, match="corrupted"):
         D.load_dataset("cifar10", tmp_path / "data2", download=True)
     assert list((tmp_path / "data2" / "cifar10").iterdir()) == []
@@ -543,7 +588,7 @@ def test_real_debian_fashion_mnist(tmp_path, no_network):
     summary = D.prepare_dataset("fashion-mnist", tmp_path, download=False)
     assert "60000 train / 10000 test" in summary and "checksums verified" in summary
     # The content checksum was verified by load_dataset; check it independently too.
-    for spec in D._FASHION_FILES.values():
+    for spec in D.base.FASHION_FILES.values():
         with gzip.open(D.SYSTEM_FASHION_MNIST_DIR / (spec.name + ".gz")) as f:
             assert hashlib.sha256(f.read()).hexdigest() == spec.sha256
 

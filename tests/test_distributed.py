@@ -2,6 +2,7 @@
 scheduler + server + 2 workers runs on 127.0.0.1 (marked slow)."""
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -12,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, run_cli
+from conftest import REPO, engine_run, invoke_cli, run_cli, tiny_args
 
-from vgg_gluon import cli, launch
+from vgg_gluon import cli, launch, report
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "256",
-        "--test-limit", "64", "--log-interval", "1", "--quiet"]
+TINY = tiny_args(log_interval=1)
 NO_NOISE = ["--no-batch-norm", "--dropout", "0", "--lr", "0.02"]
 
 
@@ -184,7 +184,7 @@ def test_shards_of_a_step_are_the_single_process_batch():
     shards = [BatchLoader(split, local, [mx.cpu()], shard=(r, workers), **kw) for r in range(workers)]
     assert all(len(s) == len(one) for s in shards)
     for epoch in (1, 2):
-        idx1, off1, flip1 = one._plan(epoch)
+        idx1, off1, flip1, _ = one._plan(epoch)
         plans = [s._plan(epoch) for s in shards]
         for t in range(len(one)):
             batch = slice(t * local * workers, (t + 1) * local * workers)
@@ -308,10 +308,24 @@ def test_two_workers_equal_each_other_and_one_process(tmp_path, tiny_data_dir):
         assert rows[0][0][key] == rows[1][0][key], key  # same numbers on every worker
     hist = (tmp_path / "one" / "history.csv").read_text().splitlines()[1].split(",")
     assert rows[0][0]["test_acc"] == pytest.approx(float(hist[4]), abs=1e-6)
-    # only rank 0 wrote: one train.log, progress-free, in the shared run folder
+    # only rank 0 wrote: one header and one epoch line in train.log, one checkpoint (a second
+    # writer's save of epoch 1 would have been kept aside as epoch-0001.replaced-...), no leftovers
     assert "worker 0 pid" in r.stderr and "worker 1 pid" in r.stderr
+    _only_rank_0_wrote(tmp_path / "dist", epochs=1)
     meta = json.loads((tmp_path / "dist" / "epoch-0001" / "meta.json").read_text())
     assert meta["config"]["kvstore"] == "dist_sync" and meta["num_update"] == 4
+
+
+def _only_rank_0_wrote(run, epochs, resumes=0):
+    log = (run / "train.log").read_text().splitlines()
+    assert sum(f"run {run}:" in ln for ln in log) == 1 + resumes, log
+    for e in range(1, epochs + 1):
+        assert sum(f"epoch {e:>3}/" in ln for ln in log) == 1, (e, log)
+    names = sorted(p.name for p in run.iterdir())
+    kept = [n for n in names if n.startswith("epoch-")]
+    assert f"epoch-{epochs:04d}" in kept and all(re.fullmatch(r"epoch-\d{4}", n) for n in kept), names
+    assert not [n for n in names if n.startswith(".tmp")], names
+    assert [h["epoch"] for h in report.read_history(run / "history.csv")] == list(range(1, epochs + 1))
 
 
 def _start_launch(tmp_path, data_dir, *args, env_extra=None):
@@ -394,14 +408,29 @@ def test_killed_worker_fails_fast_keeps_checkpoint_and_resume_works(tmp_path, ti
 
 
 @pytest.mark.slow
-def test_ctrl_c_is_forwarded_and_workers_stop_together(tmp_path, tiny_data_dir):
+def test_ctrl_c_stops_workers_together_and_the_run_resumes_anywhere(tmp_path, tiny_data_dir):
+    """Ctrl-C to the launcher inside epoch 2: both workers stop after the same step (identical
+    weights) and rank 0 saves that step. The run then goes on with `launch -n 2 -- resume` (the
+    rest of epoch 2), `launch -n 1 -- resume --epochs 3` (another worker count) and a plain
+    `resume --epochs 4 --kvstore device` (one process), and each epoch ends with the weights of an
+    uninterrupted single-process run (no BN, no dropout, constant rate: the same numbers whatever
+    the split of the global batch)."""
     from vgg_gluon import checkpoint as ck
-    run = tmp_path / "c"
-    args = ["train", *TINY, "--batch-size", 16, "--epochs", 60, "--output-dir", tmp_path, "--name", "c"]
-    p, err = _start_launch(tmp_path, tiny_data_dir, *args)
+    common = [*TINY, *NO_NOISE, "--lr-schedule", "constant", "--warmup-epochs", 0, "--output-dir", tmp_path]
+    r = invoke_cli("train", *common, "--epochs", 4, "--ctx", "cpu:0", "--name", "one", data_dir=tiny_data_dir)
+    assert r.exit_code == 0, r.output
+    ref = {e: _load(tmp_path / "one" / f"epoch-{e:04d}" / "model.params") for e in (2, 3, 4)}
+
+    run, dump = tmp_path / "c", tmp_path / "dump"
+    p, err = _start_launch(tmp_path, tiny_data_dir, "train", *common, "--epochs", 2, "--name", "c",
+                           env_extra={"VGG_GLUON_SLOW_AT": "train-step:0.3", "VGG_GLUON_DIST_DUMP": str(dump)})
     try:
         pids = _pids(err)
-        _wait_for(run / "last.json")
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "train.log").exists()
+                                              and "epoch   1/2" in (run / "train.log").read_text()):
+            time.sleep(0.05)
+        time.sleep(0.45)                # into epoch 2 (4 steps of >= 0.3 s)
         p.send_signal(signal.SIGINT)
         rc = p.wait(timeout=90)
     finally:
@@ -414,7 +443,58 @@ def test_ctrl_c_is_forwarded_and_workers_stop_together(tmp_path, tiny_data_dir):
     _no_process_left(set(pids.values()))
     c = ck.select_checkpoint(run, "last")
     ck.verify(c)
-    assert c.step > 0 or c.epoch >= 1
+    assert c.epoch == 1 and 0 < c.step < 4 and c.name == ck.checkpoint_name(1, c.step), c.name
+    assert f"stopped in epoch 2 after step {c.step}" in log
+    w0, w1 = _load(dump / "worker-0.params"), _load(dump / "worker-1.params")
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)            # the same steps on both workers
+    assert all(np.array_equal(w0[k], v) for k, v in _load(c.file(ck.PARAMS)).items())
+
+    env = {"VGG_GLUON_DATA_DIR": str(tiny_data_dir)}
+    run_cli(*_launch_args("resume", run), env_extra=env, timeout=300)
+    assert f"from {c.name} (epoch 2, step {c.step})" in (run / "train.log").read_text()
+    run_cli("launch", "-n", "1", "--grace", "3", "--", "resume", run, "--epochs", 3, env_extra=env, timeout=300)
+    r = invoke_cli("resume", run, "--epochs", 4, "--kvstore", "device", data_dir=tiny_data_dir)
+    assert r.exit_code == 0, r.output
+    for e in (2, 3, 4):
+        got = _load(run / f"epoch-{e:04d}" / "model.params")
+        for k in got:
+            np.testing.assert_allclose(got[k], ref[e][k], rtol=1e-4, atol=1e-6, err_msg=f"epoch {e} {k}")
+    kinds = [json.loads((run / f"epoch-{e:04d}" / "meta.json").read_text())["config"]["kvstore"] for e in (2, 3, 4)]
+    assert kinds == ["dist_sync", "dist_sync", "device"]
+    _only_rank_0_wrote(run, epochs=4, resumes=3)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_worker_stops_both_after_the_same_step(tmp_path, tiny_data_dir):
+    """The per-step stop agreement: Ctrl-C reaching worker 1 alone (not the launcher) inside epoch 2
+    stops worker 0 after the same step, and rank 0 saves that step. Without the agreement worker 0
+    would wait at the next step for gradients worker 1 never sends, until the launcher kills it."""
+    from vgg_gluon import checkpoint as ck
+    run, dump = tmp_path / "one", tmp_path / "dump"
+    p, err = _start_launch(tmp_path, tiny_data_dir, "train", *TINY, "--epochs", 2, "--output-dir", tmp_path,
+                           "--name", "one", env_extra={"VGG_GLUON_SLOW_AT": "train-step:0.3",
+                                                       "VGG_GLUON_DIST_DUMP": str(dump)})
+    try:
+        pids = _pids(err)
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "train.log").exists()
+                                              and "epoch   1/2" in (run / "train.log").read_text()):
+            time.sleep(0.05)
+        time.sleep(0.45)
+        os.kill(pids["worker 1"], signal.SIGINT)
+        rc = p.wait(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    err.seek(0)
+    log = err.read()
+    assert rc == 130, log
+    c = ck.select_checkpoint(run, "last")
+    ck.verify(c)
+    assert c.epoch == 1 and 0 < c.step < 4, c.name
+    w0, w1 = _load(dump / "worker-0.params"), _load(dump / "worker-1.params")
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0)
+    _no_process_left(set(pids.values()))
 
 
 @pytest.mark.slow
@@ -453,27 +533,18 @@ def test_a_worker_that_errors_exits_at_once_and_the_launch_fails(tmp_path, tiny_
 
 
 @pytest.mark.slow
-def test_two_devices_with_batch_norm_stop_and_resume_equal_uninterrupted(tmp_path, cli_env, monkeypatch):
+def test_two_devices_with_batch_norm_stop_and_resume_equal_uninterrupted(tmp_path, cli_env):
     """--ctx cpu:0,1 with BatchNorm: stopped inside an epoch (statistics averaged over the devices
     before the save) and resumed, the run ends with the weights and statistics of an
     uninterrupted one."""
     import mxnet as mx
 
     from vgg_gluon import checkpoint as ck
-    args = [*TINY, "--epochs", 2, "--dropout", 0, "--ctx", "cpu:0,1", "--output-dir", tmp_path]
-    assert CliRunner().invoke(cli.main, ["train", *map(str, args), "--name", "full"]).exit_code == 0
-    calls = {"n": 0}
-
-    def stop_after(self):
-        calls["n"] += 1
-        return calls["n"] >= 6          # 4 steps per epoch: inside epoch 2
-    monkeypatch.setattr(cli.StopFlag, "__call__", stop_after)
-    monkeypatch.setattr(cli.StopFlag, "signum", 2, raising=False)
-    r = CliRunner().invoke(cli.main, ["train", *map(str, args), "--name", "part"])
-    assert r.exit_code == 130, r.output
+    settings = dict(epochs=2, dropout=0.0, ctx="cpu:0,1")
+    assert engine_run(tmp_path / "full", **settings).status == "finished"
+    assert engine_run(tmp_path / "part", stop_after=6, **settings).status == "stopped"   # inside epoch 2
     assert ck.select_checkpoint(tmp_path / "part").step > 0
-    monkeypatch.setattr(cli.StopFlag, "__call__", lambda self: False)
-    assert CliRunner().invoke(cli.main, ["resume", str(tmp_path / "part")]).exit_code == 0
+    assert invoke_cli("resume", tmp_path / "part").exit_code == 0
     full, part = (mx.nd.load(str(ck.select_checkpoint(tmp_path / n).file(ck.PARAMS))) for n in ("full", "part"))
     for k in full:
         np.testing.assert_allclose(full[k].asnumpy(), part[k].asnumpy(), rtol=1e-4, atol=1e-5, err_msg=k)

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import FASHION_SYSTEM, REPO, run_cli
+from conftest import FASHION_SYSTEM, REPO, run_cli, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -28,10 +28,19 @@ def _cycle(tmp_path, dataset, extra=()):
     return out
 
 
-@pytest.mark.skipif(not (FASHION_SYSTEM / "train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian's dataset-fashion-mnist is not installed (make data installs it)")
+def _fashion_mnist_found() -> bool:
+    """Where the program looks: the data folder (its fashion-mnist/ or itself), then Debian's copy."""
+    d = _data_dir()
+    return any((folder / name).is_file() for folder in (d / "fashion-mnist", d, FASHION_SYSTEM)
+               for name in ("train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"))
+
+
+@pytest.mark.skipif(not _fashion_mnist_found(),
+                    reason="Fashion-MNIST is neither in the data folder nor installed (make data installs it)")
 def test_fashion_mnist_train_resume_evaluate(tmp_path):
-    out = _cycle(tmp_path, "fashion-mnist")
+    # The plumbing on the real files, not the recipe: the data set's recipe (lr 0.1 with a warmup
+    # sized for 469 steps per epoch) is too hot for 16 steps of a 1/8-width net (10.9% once on CI).
+    out = _cycle(tmp_path, "fashion-mnist", extra=("--lr", "0.05", "--warmup-epochs", "0"))
     assert out["accuracy"] > 0.2   # 2 short epochs on 1,024 images: well above chance (0.1)
 
 
@@ -40,10 +49,13 @@ def test_cifar10_train_resume_evaluate(tmp_path):
     if not ((d / "cifar10").exists() or (d / "cifar-10-batches-bin").exists()):
         pytest.skip(f"CIFAR-10 not prepared in {d} (make data)")
     # CIFAR-10 starts slower than Fashion-MNIST: 1,024 images with the recipe's crop/flip, dropout 0.5
-    # and cosine gave 12.7% after 2 epochs on CI; 4,096 gave 15-19%. This setting (8,192 images, no
-    # augmentation or dropout, constant rate) measured 35.7-40.4% over seeds 1-3 in ~25 s.
-    out = _cycle(tmp_path, "cifar10", extra=("--train-limit", "8192", "--no-augment", "--dropout", "0",
+    # and cosine gave 12.7% after 2 epochs on CI; 4,096 gave 15-19%. This setting keeps the recipe's
+    # augmentation (random crop with 4 px padding, horizontal flip) on 8,192 images, without dropout,
+    # at a constant rate: measured 32.4-38.1% over seeds 1-3 (35.7-40.4% without the augmentation).
+    out = _cycle(tmp_path, "cifar10", extra=("--train-limit", "8192", "--dropout", "0",
                                              "--lr", "0.05", "--lr-schedule", "constant"))
+    cfg = (tmp_path / "run" / "config.yaml").read_text()
+    assert "augment_crop: 4" in cfg and "augment_flip: true" in cfg
     assert out["accuracy"] > 0.2   # chance is 0.1; 512 test images: 0.2 is 10 standard errors above it
 
 
@@ -54,8 +66,8 @@ def test_signal_stops_cleanly_and_resumes(tmp_path, tiny_data_dir):
     import sys
     import time
     env = dict(os.environ, VGG_GLUON_DATA_DIR=str(tiny_data_dir), PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "vgg_gluon", "train", "--width", "0.0625", "--fc-units", "32",
-           "--batch-size", "16", "--epochs", "30", "--output-dir", str(tmp_path), "--name", "sig", "--quiet"]
+    cmd = [sys.executable, "-m", "vgg_gluon", "train", *tiny_args(batch_size=16, train_limit=None, test_limit=None),
+           "--epochs", "30", "--output-dir", str(tmp_path), "--name", "sig"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
     run = tmp_path / "sig"
     deadline = time.time() + 120

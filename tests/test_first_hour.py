@@ -5,11 +5,11 @@ import json
 import math
 
 import pytest
-from conftest import invoke_cli
+from conftest import invoke_cli, tiny_args
 
 from vgg_gluon.config import RunConfig
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--test-limit", "64", "--quiet"]
+TINY = tiny_args(train_limit=None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_done_line_names_the_split_and_warns_on_test_selection():
 
 
 def test_train_warns_that_best_is_chosen_on_test(tmp_path, cli_env):
-    r = invoke_cli("train", *TINY[:-1], "--train-limit", "128", "--epochs", "1", "--output-dir", tmp_path)
+    r = invoke_cli("train", *tiny_args(train_limit=128, quiet=False), "--epochs", "1", "--output-dir", tmp_path)
     assert r.exit_code == 0 and "no --val-split, so the 'best' checkpoint is chosen on test accuracy" in r.output
 
 
@@ -381,10 +381,10 @@ def test_runs_of_a_missing_folder_is_an_error(tmp_path):
 
 
 def test_evaluate_reads_no_training_images(run_dir, cli_env, monkeypatch):
-    from vgg_gluon import data
+    from vgg_gluon.data import readers
     seen = []
-    orig = data._read_idx
-    monkeypatch.setattr(data, "_read_idx", lambda p, *a: seen.append(p.name) or orig(p, *a))
+    orig = readers._read_idx
+    monkeypatch.setattr(readers, "_read_idx", lambda p, *a: seen.append(p.name) or orig(p, *a))
     assert invoke_cli("evaluate", run_dir, "--json").exit_code == 0
     assert seen and not any(n.startswith("train") for n in seen), seen
 
@@ -496,3 +496,36 @@ def test_tensorboard_writes_scalars_graph_and_mistakes(tmp_path, cli_env):
     assert {"Convolution", "BatchNorm", "Pooling", "FullyConnected"} <= ops
     images = [v for e in events for v in e.summary.value if v.tag == "mistakes"]
     assert len(images) == 1 and images[0].image.width > 100
+
+
+def test_refused_resume_of_a_pre_lock_run_creates_nothing(run_dir, cli_env, tmp_path):
+    """A run folder without .lock (from before the lock existed): a refused resume adds no file."""
+    import shutil
+    run = tmp_path / "old"
+    shutil.copytree(run_dir, run)
+    (run / ".lock").unlink(missing_ok=True)
+    before = sorted(p.name for p in run.iterdir())
+    r = invoke_cli("resume", run, "--lr", "0.5")
+    assert r.exit_code == 2
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_second_trainer_of_a_run_is_refused_by_the_folder_lock(run_dir, tmp_path):
+    """The lock is the run folder's own flock: a second holder is refused, naming the pid."""
+    import subprocess
+    import sys
+
+    from vgg_gluon import checkpoint as ck
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; "
+                               f"fd = os.open({str(run_dir)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+                               "print('locked', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ck.CheckpointError, match=f"in use by another vgg-gluon process \\(pid {holder.pid}\\)"):
+            with ck.run_lock(run_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with ck.run_lock(run_dir):   # free again once the holder is gone
+        pass

@@ -2,12 +2,14 @@
 import mxnet as mx
 import numpy as np
 import pytest
+from conftest import TINY_WIDTH
 from mxnet import autograd, gluon
 
 from vgg_gluon import models as M
+from vgg_gluon import netsummary as NS
 
 CTX = mx.cpu()
-TINY = 0.0625  # 64 -> 4 channels: every spec runs in milliseconds at 32 px
+TINY = TINY_WIDTH  # 64 -> 4 channels: every spec runs in milliseconds at 32 px
 
 
 def _input(shape, seed=0):
@@ -39,7 +41,7 @@ def _trainable(net):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_spec_eager_hybrid_summary(arch, batch_norm, channels):
     mx.random.seed(42)
-    net = M.build_vgg(arch, 10, width=TINY, batch_norm=batch_norm, fc_units=32)
+    net = M.build_vgg(arch, 10, width=TINY, batch_norm=batch_norm, fc_units=32, in_channels=channels)
     M.initialize(net, [CTX], seed=42)
     x = _input((2, channels, 32, 32))
 
@@ -48,14 +50,14 @@ def test_every_spec_eager_hybrid_summary(arch, batch_norm, channels):
     assert eager.shape == (2, 10)
     assert np.isfinite(eager.asnumpy()).all()
 
-    rows = M.layer_summary(net, (channels, 32, 32))
+    rows = NS.layer_summary(net, (channels, 32, 32))
     real = _layer_shapes(net, x[:1])
     assert [(r.name, r.output_shape) for r in rows] == real
-    assert M.count_params(rows) == _trainable(net)
+    assert NS.count_params(rows) == _trainable(net)
     # BN's running mean/var are parameters too, just not trained.
     n_bn = sum(r.output_shape[1] for r in rows if r.kind == "bn")
-    assert sum(int(np.prod(p.shape)) for p in net.collect_params().values()) == M.count_params(rows) + 2 * n_bn
-    assert M.count_macs(arch, TINY, batch_norm, 32, 10, (channels, 32, 32)) == sum(r.macs for r in rows)
+    assert sum(int(np.prod(p.shape)) for p in net.collect_params().values()) == NS.count_params(rows) + 2 * n_bn
+    assert NS.count_macs(arch, TINY, batch_norm, 32, 10, (channels, 32, 32)) == sum(r.macs for r in rows)
 
     net.hybridize(static_alloc=True, static_shape=True)
     hybrid = net(x)
@@ -82,9 +84,9 @@ def test_larger_inputs_vgg11_quarter_width(size, batch_norm):
     y = net(x)
     mx.nd.waitall()
     assert y.shape == (1, 10)
-    rows = M.layer_summary(net, (1, size, size))
+    rows = NS.layer_summary(net, (1, size, size))
     assert [(r.name, r.output_shape) for r in rows] == _layer_shapes(net, x)
-    assert M.count_params(rows) == _trainable(net)
+    assert NS.count_params(rows) == _trainable(net)
 
 
 def test_hybridized_non_square_and_odd_sizes():
@@ -93,14 +95,14 @@ def test_hybridized_non_square_and_odd_sizes():
     net.hybridize(static_alloc=True, static_shape=True)
     for shape in [(2, 3, 32, 48), (1, 3, 45, 33)]:
         assert net(_input(shape)).shape == (shape[0], 3)
-        rows = M.layer_summary(net, shape[1:])
+        rows = NS.layer_summary(net, shape[1:])
         assert rows[-1].output_shape == (1, 3)
     mx.nd.waitall()
 
 
 def test_tutorial_table_vgg11_224():
     net = M.build_vgg("vgg11", 10)  # width 1: 4096 fc units; analytic, nothing is run
-    rows = M.block_summary(net, (1, 224, 224))
+    rows = NS.block_summary(net, (1, 224, 224))
     assert [(r.kind, r.output_shape) for r in rows] == [
         ("block", (1, 64, 112, 112)),
         ("block", (1, 128, 56, 56)),
@@ -114,16 +116,16 @@ def test_tutorial_table_vgg11_224():
         ("dense", (1, 10)),
     ]
     assert rows[0].name == "features.block1" and rows[-1].name == "classifier.fc3"
-    assert sum(r.params for r in rows) == M.count_params(M.layer_summary(net, (1, 224, 224)))
-    assert "features.block5" in M.format_summary(rows)
+    assert sum(r.params for r in rows) == NS.count_params(NS.layer_summary(net, (1, 224, 224)))
+    assert "features.block5" in NS.format_summary(rows)
 
 
 def test_known_imagenet_counts():
     # Published figures for the ImageNet models (3x224x224, 1000 classes, no BN).
-    assert M.count_params(M.layer_summary(M.build_vgg("vgg11", 1000), (3, 224, 224))) == 132_863_336
-    assert M.count_params(M.layer_summary(M.build_vgg("vgg16", 1000), (3, 224, 224))) == 138_357_544
-    assert M.count_params(M.layer_summary(M.build_vgg("vgg19", 1000), (3, 224, 224))) == 143_667_240
-    macs = M.count_macs("vgg16", 1.0, False, None, 1000, (3, 224, 224))
+    assert NS.count_params(NS.layer_summary(M.build_vgg("vgg11", 1000), (3, 224, 224))) == 132_863_336
+    assert NS.count_params(NS.layer_summary(M.build_vgg("vgg16", 1000), (3, 224, 224))) == 138_357_544
+    assert NS.count_params(NS.layer_summary(M.build_vgg("vgg19", 1000), (3, 224, 224))) == 143_667_240
+    macs = NS.count_macs("vgg16", 1.0, False, None, 1000, (3, 224, 224))
     assert abs(macs - 15.47e9) / 15.47e9 < 0.005
 
 
@@ -135,7 +137,7 @@ def test_too_small_input_is_value_error(size):
     with pytest.raises(ValueError, match="at least 32x32"):
         net(mx.nd.zeros((1, 1, h, w)))
     with pytest.raises(ValueError, match="at least 32x32"):
-        M.layer_summary(net, (1, h, w))
+        NS.layer_summary(net, (1, h, w))
     net.hybridize(static_alloc=True, static_shape=True)
     net(mx.nd.zeros((1, 1, 32, 32)))
     with pytest.raises(ValueError) as err:
@@ -217,3 +219,41 @@ def test_vgg_block_halves_and_names_children():
     block.hybridize()
     assert block(mx.nd.zeros((1, 3, 10, 12))).shape == (1, 8, 5, 6)
     mx.nd.waitall()
+
+
+def test_archs_of_the_config_are_the_spec_table():
+    from vgg_gluon.config import ACTIVATIONS, ARCHS
+    assert set(ARCHS) == set(M.VGG_SPECS) and set(M.LAYOUTS) <= set(ARCHS)
+    assert ACTIVATIONS == M.ACTIVATIONS
+
+
+def test_classic_rows_are_unchanged():
+    # The paper's configurations (and with them the tutorial .params mapping) stay as they were.
+    assert M.VGG_SPECS["vgg11"] == ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
+    assert M.VGG_SPECS["vgg19"] == ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512))
+    assert all(M.layout(a) == M.Layout() for a in M.CLASSIC_ARCHS)
+    names = [n.split("_", 1)[1] for n in M.build_vgg("vgg11", 10, width=TINY, batch_norm=True).collect_params()]
+    assert names[:3] == ["features_block1_conv0_weight", "features_block1_batchnorm0_gamma",
+                         "features_block1_batchnorm0_beta"]
+    assert names[-2:] == ["classifier_dense2_weight", "classifier_dense2_bias"]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fast_row_layout(channels):
+    """fast3: 2x2 stem with 2*C*4 filters, pool after each block's first conv, one Dense, 1/9."""
+    net = M.build_vgg("fast3", 10, width=0.125, batch_norm=True, in_channels=channels,
+                      opts=M.LayerOptions(activation="gelu", bn_scale=False, bn_momentum=0.4, dirac_init=True))
+    M.initialize(net, [CTX], seed=0)
+    x = _input((2, channels, 28, 28))
+    assert net(x).shape == (2, 10)
+    assert net.stem_conv.weight.shape == (2 * channels * 4, channels, 2, 2)
+    shapes = dict(_layer_shapes(net, x[:1]))
+    assert shapes["features.stem.conv"] == (1, 8 * channels, 27, 27)
+    assert shapes["features.block1.pool"] == (1, 8, 13, 13) and shapes["features.block3.act2"] == (1, 32, 3, 3)
+    bn = [p for n, p in net.collect_params().items() if n.endswith("_gamma")]
+    assert bn and all(p.grad_req == "null" for p in bn)  # --no-bn-scale: only the shift trains
+    # Identity (dirac) init: block2.conv2's first filters pass their own channel through.
+    w = net.features[2][4].weight.data().asnumpy()
+    assert w[0, 0, 1, 1] == 1 and w[0, 1, 1, 1] == 0 and w[0, 0, 0, 0] == 0
+    with pytest.raises(ValueError, match="too small"):
+        net(_input((1, channels, 8, 8)))

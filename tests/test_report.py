@@ -11,14 +11,13 @@ import time
 
 import numpy as np
 import pytest
-from conftest import invoke_cli
+from conftest import invoke_cli, tiny_args
 from PIL import Image
 
 from vgg_gluon import cli
 from vgg_gluon.runs import MARKER
 
-TINY = ["--width", "0.0625", "--fc-units", "32", "--batch-size", "64", "--train-limit", "128",
-        "--test-limit", "64", "--quiet"]
+TINY = tiny_args(train_limit=128)
 
 
 def _invoke(*args, **kw):

@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import io
 import json
 import logging
 import os
-import pickle
 import re
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +36,27 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from vgg_gluon.errors import CheckpointError, mxnet_error_reason
+from vgg_gluon.fsutil import (  # noqa: F401  (re-exported: report, runs and tests use them from here)
+    TMP_PREFIX,
+    atomic_write,
+    atomic_write_text,
+    fsync_dir,
+    fsync_file,
+    sha256_file,
+    unlink_quietly,
+)
+from vgg_gluon.trainer_states import load_trainer_states, safe_unpickle_states  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PARAMS, STATES, META, MANIFEST = "model.params", "trainer.states", "meta.json", "MANIFEST.json"
+#: Files a checkpoint may hold besides the three above (a technique's state, e.g. lookahead).
+OPTIONAL_FILES = frozenset({"lookahead.params"})
 CKPT_RE = re.compile(r"^epoch-(\d{4,})(?:-step-(\d{5,}))?$")
-TMP_PREFIX = ".tmp-"
 
 
-class CheckpointError(Exception):
-    """A one-line, user-facing problem with a run folder or checkpoint file."""
 
 
 class NewerFormatError(CheckpointError):
@@ -60,174 +67,6 @@ def _check_format(path: Path, version: Any) -> None:
     if isinstance(version, int) and version > FORMAT_VERSION:
         raise NewerFormatError(f"{path}: written by a newer vgg-gluon (format {version}, this one reads "
                                f"{FORMAT_VERSION}): upgrade vgg-gluon")
-
-
-# ---------------------------------------------------------------------------------------------
-# durable file primitives
-def fsync_dir(path: Path) -> None:
-    """Make a rename/create inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode("utf-8"))
-
-
-def _unlink_quietly(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_fault_hits: Dict[str, int] = {}
-
-
-def _fault(stage: str) -> None:
-    """Test-only fault injection at the stages of a save (no effect unless the variables are set).
-
-    VGG_GLUON_CRASH_AT=<stage> kills this process with SIGKILL there; <stage>@N does so the N-th
-    time the stage is reached (N-th save of the process). VGG_GLUON_SLOW_AT=<stage>:<seconds>
-    sleeps there, so a test can send signals while a save is in progress; the stage ``train-step``
-    (after every training step) makes an epoch slow enough to be hit on a fast machine. Lets the
-    fault-injection tests hit an exact point of a save in a real training process.
-    """
-    crash, slow = os.environ.get("VGG_GLUON_CRASH_AT"), os.environ.get("VGG_GLUON_SLOW_AT")
-    if not crash and not slow:
-        return
-    n = _fault_hits[stage] = _fault_hits.get(stage, 0) + 1
-    if slow and slow.split(":")[0] == stage:
-        time.sleep(float(slow.split(":")[1]))
-    if crash and (crash == stage or crash == f"{stage}@{n}"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-# ---------------------------------------------------------------------------------------------
-# restricted loading of optimizer states (MXNet writes them with pickle)
-_ALLOWED_GLOBALS = {
-    ("mxnet.ndarray.ndarray", "NDArray"),
-    ("builtins", "bytearray"), ("builtins", "set"), ("builtins", "frozenset"),
-    ("builtins", "slice"), ("builtins", "complex"),
-    ("collections", "OrderedDict"), ("collections", "defaultdict"),
-    ("copyreg", "_reconstructor"), ("builtins", "object"),
-    ("numpy", "dtype"), ("numpy", "ndarray"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-}
-# Optimizer and LR-scheduler classes are admitted by module, but only real subclasses.
-_OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer")
-_SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler", "vgg_gluon.optim")
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module in _OPTIMIZER_MODULES or module in _SCHEDULER_MODULES:
-            import mxnet as mx
-            obj = super().find_class(module, name)
-            base = mx.optimizer.Optimizer if module in _OPTIMIZER_MODULES else mx.lr_scheduler.LRScheduler
-            if isinstance(obj, type) and issubclass(obj, base):
-                return obj
-        raise pickle.UnpicklingError(f"refused to load '{module}.{name}'")
-
-
-def safe_unpickle_states(data: bytes, path: Path) -> Any:
-    """Unpickle optimizer states admitting only optimizer, scheduler, NDArray and plain data."""
-    try:
-        return _RestrictedUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as exc:
-        if not str(exc).startswith("refused to load"):  # e.g. "pickle data was truncated"
-            raise CheckpointError(f"{path}: optimizer state file is corrupted ({exc})") from None
-        raise CheckpointError(
-            f"{path}: not loaded, it is not a plain MXNet optimizer state file ({exc})") from None
-    except Exception as exc:  # truncated/corrupt pickles raise many types
-        raise CheckpointError(f"{path}: optimizer state file is corrupted ({type(exc).__name__})") from None
-
-
-def load_trainer_states(trainer, path: Path) -> None:
-    """Equivalent of `Trainer.load_states`, but through the restricted unpickler.
-
-    MXNet's own `load_states` calls `pickle.loads` on the file, which would run any code in it;
-    here the validated object is handed to the updaters directly (mxnet 1.9.1 internals, pinned).
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
-    states = safe_unpickle_states(data, path)
-    if not (isinstance(states, tuple) and len(states) == 2 and isinstance(states[0], dict)):
-        raise CheckpointError(f"{path}: not an MXNet optimizer state file (no optimizer saved in it)")
-    state_dict, optimizer = states
-    import mxnet as mx
-    if not isinstance(optimizer, mx.optimizer.Optimizer):
-        raise CheckpointError(f"{path}: not an MXNet optimizer state file")
-    if not trainer._kv_initialized:
-        trainer._init_kvstore()
-    if trainer._params_to_init:
-        trainer._init_params()
-    if set(state_dict) - set(range(len(trainer._params))):
-        raise CheckpointError(f"{path}: optimizer state is for another network "
-                              f"({len(state_dict)} entries, network has {len(trainer._params)} parameters)")
-    expected = type(trainer._optimizer).__name__
-    if type(optimizer).__name__ != expected:
-        raise CheckpointError(f"{path}: holds a {type(optimizer).__name__} optimizer state, "
-                              f"this run uses {expected}")
-
-    def _install(updater, states_obj, opt):
-        updater.states, updater.optimizer = states_obj, opt
-        updater.states_synced = dict.fromkeys(updater.states.keys(), False)
-
-    if trainer._update_on_kvstore:
-        updater = getattr(trainer._kvstore, "_updater", None)
-        if updater is None:
-            raise CheckpointError(f"{path}: optimizer state lives on the parameter servers with "
-                                  "this kvstore and cannot be restored into it")
-        _install(updater, state_dict, optimizer)
-    else:
-        # Every device's updater gets its own copy (states are moved to its device lazily).
-        for i, updater in enumerate(trainer._updaters):
-            _install(updater, state_dict if i == 0 else safe_unpickle_states(data, path), optimizer)
-    trainer._optimizer = optimizer
-    optimizer.param_dict = {i: p for i, p in enumerate(trainer._params)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,7 +139,8 @@ def verify(ckpt: Checkpoint) -> None:
     manifest = read_json(ckpt.file(MANIFEST))
     _check_format(ckpt.file(MANIFEST), manifest.get("format_version"))
     files = manifest.get("files")
-    if not isinstance(files, dict) or set(files) != {PARAMS, STATES, META}:
+    if (not isinstance(files, dict) or not {PARAMS, STATES, META} <= set(files)
+            or set(files) - {PARAMS, STATES, META} - OPTIONAL_FILES):
         raise CheckpointError(f"{ckpt.file(MANIFEST)}: incomplete manifest")
     for name, entry in files.items():
         path = ckpt.file(name)
@@ -340,39 +180,61 @@ def read_pointer(run_dir: Path, which: str) -> Optional[Checkpoint]:
     return _checkpoint_at(Path(run_dir) / name, m)
 
 
-LOCK = ".lock"
+LOCK = ".lock"   # the lock file of runs before 2026-12 (left alone; the folder itself is locked now)
+MARKER = ".running.json"   # pid and host of the training process (runs.RunMarker writes it)
 
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold RUN/.lock (flock) while a process trains into `run_dir`, so a second train or resume of
-    the same run is refused instead of deleting the first one's save in progress or interleaving
-    checkpoints. The kernel drops the lock when the process dies, kill -9 included; where the file
-    system has no flock (some network mounts), the run goes on unlocked."""
+    """Hold a lock (flock on the run folder itself) while a process trains into `run_dir`, so a
+    second train or resume of the same run is refused instead of deleting the first one's save in
+    progress or interleaving checkpoints. The kernel drops the lock when the process dies, kill -9
+    included; where the file system has no flock (some network mounts), the run goes on unlocked.
+
+    Nothing is created or written: a command that is then refused (a damaged checkpoint, a setting
+    that cannot change) leaves every byte of the run folder as it was, runs from before the lock
+    included. (Until 2026-12 the lock was a RUN/.lock file; such files are left alone.) The
+    holder's pid for the message comes from the kernel's lock table."""
     import fcntl
-    path = Path(run_dir) / LOCK
     try:
-        f = open(path, "a+", encoding="utf-8")
+        fd = os.open(str(run_dir), os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
         yield
         return
     try:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            raise CheckpointError(f"{run_dir}: in use by another vgg-gluon process (pid {holder}); wait for it "
-                                  "to finish or stop it (Ctrl-C saves a checkpoint), then resume") from None
+            holder = _lock_holder(fd, Path(run_dir))
+            raise CheckpointError(f"{run_dir}: in use by another vgg-gluon process"
+                                  + (f" (pid {holder})" if holder else "") + "; wait for it to finish or stop "
+                                  "it (Ctrl-C saves a checkpoint), then resume") from None
         except OSError:
             pass  # no flock on this file system
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
         yield
     finally:
-        f.close()  # releases the lock
+        os.close(fd)  # releases the lock
+
+
+def _lock_holder(fd: int, run_dir: Path) -> Optional[int]:
+    """The pid holding the flock on the open file `fd`: from /proc/locks (Linux; lines such as
+    `2: FLOCK  ADVISORY  WRITE 14097 fe:00:2146374 0 EOF`), else the training process named in
+    RUN/.running.json (MARKER), else None."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        table = ""
+    for line in table.splitlines():
+        parts = line.split()   # waiting requests read "N: -> FLOCK ...": not the holder
+        if len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == where and parts[4].isdigit():
+            return int(parts[4])
+    try:
+        pid = json.loads((run_dir / MARKER).read_text(encoding="utf-8")).get("pid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return pid if isinstance(pid, int) else None
 
 
 def cleanup_temp(run_dir: Path) -> int:
@@ -382,7 +244,7 @@ def cleanup_temp(run_dir: Path) -> int:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
-            _unlink_quietly(p)
+            unlink_quietly(p)
         n += 1
     if n:
         log.info("removed %d leftover temporary file(s) of an interrupted save in %s", n, run_dir)
@@ -439,8 +301,10 @@ def _best_key(ckpt: Checkpoint) -> float:
 
 
 def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch: int, step: int = 0,
-                    is_best: bool = False, keep_last: int = 3) -> Checkpoint:
-    """Commit one checkpoint atomically, move the pointers, then apply retention."""
+                    is_best: bool = False, keep_last: int = 3, extras=None) -> Checkpoint:
+    """Commit one checkpoint atomically, move the pointers, then apply retention.
+
+    extras: {file name (one of OPTIONAL_FILES): writer(path)}, written and listed in the manifest."""
     run_dir = Path(run_dir)
     final = run_dir / checkpoint_name(epoch, step)
     tmp = run_dir / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
@@ -449,16 +313,17 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
     tmp.mkdir(parents=True)
     try:
         _save_params_checked(net, tmp / PARAMS)
-        _fault("after-params")
         trainer.save_states(str(tmp / STATES))
         fsync_file(tmp / STATES)
-        _fault("after-states")
         meta = dict(meta, format_version=FORMAT_VERSION, epoch=epoch, step=step,
                     saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         _write_fsync(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
-        _fault("before-manifest")
+        for name, writer in (extras or {}).items():
+            assert name in OPTIONAL_FILES, name
+            writer(tmp / name)
+            fsync_file(tmp / name)
         files = {n: {"sha256": sha256_file(tmp / n), "size": (tmp / n).stat().st_size}
-                 for n in (PARAMS, STATES, META)}
+                 for n in (PARAMS, STATES, META, *(extras or {}))}
         _write_fsync(tmp / MANIFEST, json.dumps({"format_version": FORMAT_VERSION, "files": files},
                                                  indent=2, sort_keys=True).encode())
         fsync_dir(tmp)
@@ -474,7 +339,6 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     ckpt = Checkpoint(final, epoch, step)
-    _fault("before-pointer")
     pointer = {"checkpoint": final.name, "epoch": epoch, "step": step,
                "test_acc": meta.get("metrics", {}).get("test_acc")}
     if "val_acc" in meta.get("metrics", {}):
@@ -482,7 +346,6 @@ def save_checkpoint(run_dir: Path, net, trainer, meta: Dict[str, Any], *, epoch:
     atomic_write_text(run_dir / "last.json", json.dumps(pointer, indent=2) + "\n")
     if is_best:
         atomic_write_text(run_dir / "best.json", json.dumps(pointer, indent=2) + "\n")
-    _fault("after-pointer")
     apply_retention(run_dir, keep_last)
     return ckpt
 
@@ -507,8 +370,7 @@ def _save_params_checked(net, path: Path) -> None:
             free = None
         if free is not None and free < 2 * need + (1 << 20):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        why = next((ln for ln in reversed(lines) if not ln.startswith(("Traceback", "File "))), type(exc).__name__)
+        why = mxnet_error_reason(exc)
         raise CheckpointError(f"{path}: writing the weights failed ({why[:200]}); "
                               "the previous checkpoint is intact") from None
 

@@ -13,10 +13,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from vgg_gluon.errors import UserError
+
 DATASETS = ("fashion-mnist", "cifar10")
-ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
+ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "fast3", "fast3s")  # = models.VGG_SPECS (a test checks)
 OPTIMIZERS = ("sgd", "nag", "adam")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
+ACTIVATIONS = ("relu", "gelu")
+TTA_MODES = ("none", "flip", "flip-translate")
 KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
 DTYPES = ("float32", "float16")
 
@@ -30,7 +34,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A one-line, user-facing problem with a setting.
 
     `fields` names the settings the problem is about, so the command line can name the option the
@@ -53,51 +57,107 @@ class SettingError(ConfigError):
         return (f"{self.source}: " if self.source else "") + f"{self.field} {self.detail}"
 
 
+def setting(default: Any = None, help: str = "", *, group: str, kind: Optional[type] = None,
+            choices: Sequence[str] = (), option: Optional[str] = None, factory=None):
+    """A RunConfig field with what the command line needs to know about it: its help text, its
+    option group, its type when the default is None, its choices and, when it differs from the
+    field's name, its option (cli.options generates the options from these, so the help, the
+    choices and the default shown cannot drift from the field)."""
+    meta = {"help": help, "group": group, "kind": kind, "choices": tuple(choices), "option": option}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class RunConfig:
     # data
-    dataset: str = "fashion-mnist"
-    data_dir: Optional[str] = None          # None: $VGG_GLUON_DATA_DIR or ./data
-    image_size: Optional[int] = None        # None: native 32 px (Fashion-MNIST padded 28 -> 32)
-    augment_crop: int = 0                   # random crop with this much zero padding (0 = off)
-    augment_flip: bool = False              # random horizontal flip
-    val_split: float = 0.0                  # fraction of train held out for validation
-    train_limit: Optional[int] = None       # use only the first N training images
-    test_limit: Optional[int] = None
+    dataset: str = setting("fashion-mnist", "Data set.", group="data", choices=DATASETS)
+    data_dir: Optional[str] = setting(None, "Where data sets are looked for and downloaded (default: "
+                                      "$VGG_GLUON_DATA_DIR or ./data).", group="data", kind=str)
+    image_size: Optional[int] = setting(None, "Resize each batch to N x N (the tutorials use 96 or 224; "
+                                        "default: the native 32 px, Fashion-MNIST's 28 zero-padded).",
+                                        group="data", kind=int)
+    augment_crop: int = setting(0, "Random crop of the image zero-padded by N px (0 = off).", group="augment")
+    augment_flip: bool = setting(False, "Random horizontal flip.", group="augment")
+    alternate_flip: bool = setting(False, "Derandomized flip (airbench94): each image's random flip of epoch 1, "
+                                   "inverted every other epoch (needs --augment-flip).", group="augment")
+    augment_cutout: int = setting(0, "Cutout: zero an N x N square at a random place (0 = off).", group="augment")
+    val_split: float = setting(0.0, "Hold out this fraction of the training set for validation; 'best' is "
+                               "then chosen on it.", group="data")
+    train_limit: Optional[int] = setting(None, "Use only the first N training images.", group="data", kind=int)
+    test_limit: Optional[int] = setting(None, "Use only the first N test images.", group="data", kind=int)
     # model
-    arch: str = "vgg11"
-    width: float = 0.25
-    batch_norm: bool = True
-    fc_units: Optional[int] = None          # None: 4096 * width
-    dropout: float = 0.5
-    hybridize: bool = True
-    dtype: str = "float32"                  # float16: fp16 weights/activations, fp32 master weights
-    amp: bool = False                       # MXNet AMP: float16 where safe, dynamic loss scaling
+    arch: str = setting("vgg11", "VGG configuration (A, B, D, E of Simonyan & Zisserman).", group="model",
+                        choices=ARCHS)
+    width: float = setting(0.25, "Channel width multiplier (0.25 = the tutorials' ratio 4).", group="model")
+    batch_norm: bool = setting(True, "BatchNorm after every convolution.", group="model")
+    fc_units: Optional[int] = setting(None, "Units of the two hidden dense layers (default 4096 x width).",
+                                      group="model", kind=int)
+    dropout: float = setting(0.5, "Dropout after each hidden dense layer.", group="model")
+    hybridize: bool = setting(True, "Compile the network (static_alloc, static_shape; several CPU contexts "
+                              "compile without them, which race there).", group="model")
+    dtype: str = setting("float32", "float16: half-precision weights and activations with float32 master "
+                         "weights (multi_precision); for GPUs.", group="optim", choices=DTYPES)
+    amp: bool = setting(False, "MXNet automatic mixed precision (float16 per operator, dynamic loss "
+                        "scaling); for GPUs.", group="optim")
+    activation: str = setting("relu", "Activation of the convolutions (the dense head stays relu).", group="model",
+                              choices=ACTIVATIONS)
+    bn_scale: bool = setting(True, "BatchNorm learns a scale (off: only its shift, as airbench94).", group="model")
+    bn_momentum: float = setting(0.9, "BatchNorm running-average momentum, Gluon's convention (airbench94: "
+                                 "0.4, PyTorch's 0.6).", group="model")
+    whiten: bool = setting(False, "Initialize the 2x2 patch stem (fast3, fast3s) from the training data's patch "
+                           "covariance, frozen.", group="model")
     # optimization
-    epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    wd: float = 5e-4
-    lr_schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    lr_steps: List[int] = field(default_factory=list)  # epochs at which "step" multiplies by lr_factor
-    lr_factor: float = 0.1
-    label_smoothing: float = 0.0
-    seed: int = 42
+    epochs: int = setting(10, "Total epochs of the run.", group="optim")
+    batch_size: int = setting(128, "Global batch size, split across devices.", group="optim")
+    optimizer: str = setting("sgd", "Optimizer.", group="optim", choices=OPTIMIZERS)
+    lr: float = setting(0.05, "Peak learning rate.", group="optim")
+    lr_base_batch: Optional[int] = setting(None, "--lr is per N images: the LR used is lr x batch-size / N "
+                                           "(default: --lr as is).", group="optim", kind=int)
+    bias_lr_mult: float = setting(1.0, "LR multiplier of BatchNorm and bias parameters.", group="optim")
+    no_wd_bias: bool = setting(False, "No weight decay on BatchNorm and bias parameters.", group="optim",
+                               option="--no-wd-bias")
+    momentum: float = setting(0.9, "Momentum for sgd/nag.", group="optim")
+    wd: float = setting(5e-4, "Weight decay.", group="optim")
+    lr_schedule: str = setting("cosine", "Per-iteration schedule after the warmup.", group="optim",
+                               choices=SCHEDULES)
+    warmup_epochs: float = setting(0.0, "Linear warmup from 0 over this many epochs.", group="optim")
+    lr_steps: List[int] = setting(None, "Epochs where the step schedule multiplies the LR by --lr-factor, "
+                                  "e.g. 15,25.", group="optim", factory=list)
+    lr_factor: float = setting(0.1, "Step schedule factor.", group="optim")
+    label_smoothing: float = setting(0.0, "Label smoothing epsilon.", group="optim")
+    lookahead: bool = setting(False, "Lookahead (airbench94): an EMA of the weights copied back every "
+                              "--lookahead-every steps.", group="optim")
+    lookahead_every: int = setting(5, "Steps between lookahead updates.", group="optim")
+    lookahead_decay: float = setting(0.95, "Lookahead per-step decay (the update uses decay**every * (t/T)**3).",
+                                     group="optim")
+    lookahead_start: float = setting(0.3, "Fraction of the run before lookahead starts.", group="optim")
+    eval_tta: str = setting("none", "Test-time augmentation of the per-epoch evaluation.", group="optim",
+                            choices=TTA_MODES)
+    seed: int = setting(42, "Seed for initialization, data order, augmentation and dropout.", group="optim")
     # devices and run folder
-    ctx: str = "auto"
-    kvstore: str = "device"
-    run_name: Optional[str] = None
-    output_dir: str = "checkpoints"
-    keep_last: int = 3
-    log_interval: int = 20                  # steps between progress-bar readings of loss/accuracy
+    ctx: str = setting("auto", "Devices: auto, cpu, gpu, gpu:0,1 or cpu:0,1 (auto: all GPUs, else the CPU).",
+                       group="run")
+    kvstore: str = setting("device", "Gradient aggregation: device or local in one process; dist_sync, "
+                           "dist_device_sync or dist_async for workers of `vgg-gluon launch`.", group="run",
+                           choices=KVSTORES)
+    run_name: Optional[str] = setting(None, "Run folder name (default <dataset>-<arch>-<time>).", group="folder",
+                                      kind=str, option="--name")
+    output_dir: str = setting("checkpoints", "Parent folder of run folders.", group="folder")
+    keep_last: int = setting(3, "Keep the newest N epoch checkpoints (the best one is always kept).", group="run")
+    log_interval: int = setting(20, "Steps between progress readings of loss and accuracy.", group="run")
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def field_names(cls) -> List[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def field_kind(cls, name: str) -> type:
+        """The Python type of a setting's values (from its metadata when the default is None)."""
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        return f.metadata.get("kind") or (list if f.default_factory is list else type(f.default))
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "RunConfig":
@@ -126,6 +186,10 @@ class RunConfig:
     def from_yaml(cls, path: Path) -> "RunConfig":
         return cls.from_dict(load_yaml(path), source=str(path))
 
+    def effective_lr(self) -> float:
+        """The peak LR used: lr, scaled linearly to the batch size when lr_base_batch is set."""
+        return self.lr * self.batch_size / self.lr_base_batch if self.lr_base_batch else self.lr
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -141,6 +205,29 @@ class RunConfig:
         _choice("lr_schedule", self.lr_schedule, SCHEDULES)
         _choice("kvstore", self.kvstore, KVSTORES)
         _choice("dtype", self.dtype, DTYPES)
+        from vgg_gluon.runtime import RuntimeSetupError, parse_ctx  # the --ctx syntax (no MXNet import)
+        try:
+            parse_ctx(self.ctx)
+        except RuntimeSetupError as exc:   # a malformed value is bad usage; a missing GPU is not (resolve_ctx)
+            raise SettingError("ctx", str(exc)) from None
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("eval_tta", self.eval_tta, TTA_MODES)
+        if self.lookahead and self.kvstore == "dist_async":
+            raise SettingError("lookahead", "needs one set of weights per step: not with kvstore dist_async",
+                               ("kvstore",))
+        if self.alternate_flip and not self.augment_flip:
+            raise SettingError("alternate_flip", "changes how images are flipped: use it with augment_flip",
+                               ("augment_flip",))
+        if self.whiten and self.arch in ("vgg11", "vgg13", "vgg16", "vgg19"):
+            raise SettingError("whiten", f"initializes a patch stem, which {self.arch} has not: use arch fast3 "
+                               "or fast3s", ("arch",))
+        for name in ("bn_momentum", "lookahead_decay", "lookahead_start"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
+        _positive("lookahead_every", self.lookahead_every)
+        _positive("bias_lr_mult", self.bias_lr_mult)
+        if self.lr_base_batch is not None:
+            _positive("lr_base_batch", self.lr_base_batch)
         if self.amp and self.dtype != "float32":
             raise SettingError("amp", "keeps float32 weights and casts per operator: use it with dtype float32",
                                ("dtype",))
@@ -154,7 +241,7 @@ class RunConfig:
         for name in ("dropout", "val_split", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("momentum", "wd", "warmup_epochs", "augment_crop"):
+        for name in ("momentum", "wd", "warmup_epochs", "augment_crop", "augment_cutout"):
             if getattr(self, name) < 0:
                 raise SettingError(name, f"must not be negative, got {getattr(self, name)}")
         if self.momentum >= 1:
@@ -172,14 +259,8 @@ class RunConfig:
         return self
 
 
-# Types of fields whose default is None, for coercion of YAML/CLI strings.
-_OPTIONAL_TYPES = {"data_dir": str, "image_size": int, "train_limit": int, "test_limit": int,
-                   "fc_units": int, "run_name": str}
-
-
 def _coerce(key: str, value: Any) -> Any:
-    default = getattr(RunConfig(), key)
-    kind = _OPTIONAL_TYPES.get(key) or type(default)
+    kind = RunConfig.field_kind(key)
     try:
         if kind is bool:
             if isinstance(value, str):

@@ -47,7 +47,6 @@ STOP_KEY = 9_000_000
 METRICS_KEY = 9_000_001
 AUX_KEY_BASE = 10_000_000   # + epoch * 10_000 + parameter index (async: fresh keys every epoch)
 # Test-only: every worker writes its final weights and epoch rows here (worker-<rank>.*).
-DUMP_ENV = "VGG_GLUON_DIST_DUMP"
 
 
 class DistError(ConfigError):
@@ -149,7 +148,7 @@ def note_outcome(status: str, session=None) -> None:
     Training is over: the network's parameters are detached from the Trainer, so later loads into
     the same network (the end-of-run report) do not try to reset the dist kvstore (MXNet refuses).
     """
-    from vgg_gluon.cli import EXIT_NONFINITE
+    from vgg_gluon.errors import EXIT_NONFINITE
     _EXIT.clean = status in ("finished", "stopped")
     _EXIT.code = EXIT_NONFINITE if status == "nonfinite" else 1
     if session is not None:
@@ -211,9 +210,11 @@ def mxnet_lr_scheduler(cfg: RunConfig, iters_per_epoch: int):
     cannot be imported there). Same shapes: linear warmup, then constant / step / cosine."""
     total = max(1, int(cfg.epochs * iters_per_epoch))
     warm = int(cfg.warmup_epochs * iters_per_epoch)
-    common = dict(base_lr=cfg.lr, warmup_steps=warm, warmup_begin_lr=0.0)
+    common = dict(base_lr=cfg.effective_lr(), warmup_steps=warm, warmup_begin_lr=0.0)
     if cfg.lr_schedule == "cosine":
         return mx.lr_scheduler.CosineScheduler(max(total, warm + 1), final_lr=0.0, **common)
+    if cfg.lr_schedule == "linear":
+        return mx.lr_scheduler.PolyScheduler(max(total, warm + 1), pwr=1, final_lr=0.0, **common)
     steps = [int(e * iters_per_epoch) for e in cfg.lr_steps if e * iters_per_epoch > warm] \
         if cfg.lr_schedule == "step" else []
     if steps:
@@ -238,20 +239,12 @@ class DistContext:
 
     # -- trainer --------------------------------------------------------------------------------
     def make_trainer(self, net, cfg: RunConfig, steps_per_epoch: int) -> DistTrainer:
-        from vgg_gluon.engine import make_lr_scheduler
-        # async: the servers count one update per worker push.
+        from vgg_gluon.optim import make_trainer
+        # async: the servers count one update per worker push, and unpickle MXNet's own classes.
         iters = steps_per_epoch * (1 if self.sync else self.num_workers)
-        schedule = make_lr_scheduler(cfg, iters) if self.sync else mxnet_lr_scheduler(cfg, iters)
-        opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": schedule}
-        if cfg.optimizer in ("sgd", "nag"):
-            opt_params["momentum"] = cfg.momentum
-        if getattr(cfg, "dtype", "float32") == "float16":
-            opt_params["multi_precision"] = True  # as engine.make_trainer
-        trainer = DistTrainer(net.collect_params(), cfg.optimizer, opt_params, kvstore=self.kv,
-                              update_on_kvstore=not self.sync, num_workers=self.num_workers)
-        if getattr(cfg, "amp", False):
-            from mxnet.contrib import amp
-            amp.init_trainer(trainer)
+        trainer = make_trainer(net, cfg, iters, schedule=None if self.sync else mxnet_lr_scheduler(cfg, iters),
+                               trainer_cls=DistTrainer, kvstore=self.kv, update_on_kvstore=not self.sync,
+                               num_workers=self.num_workers)
         if not self.sync:
             # The servers get the optimizer now, with the gradient scale of every later step
             # (MXNet refuses a different scale afterwards in this mode).
@@ -343,17 +336,6 @@ class DistContext:
                     self.kv.pull(key, out=p.list_data())
         mx.nd.waitall()
         return metrics
-
-    # -- test hook ------------------------------------------------------------------------------
-    def dump_for_tests(self, net, rows) -> None:
-        where = os.environ.get(DUMP_ENV)
-        if not where:
-            return
-        import json
-        Path(where).mkdir(parents=True, exist_ok=True)
-        net.save_parameters(str(Path(where) / f"worker-{self.rank}.params"))
-        (Path(where) / f"worker-{self.rank}.json").write_text(
-            json.dumps({"rank": self.rank, "num_workers": self.num_workers, "rows": rows}))
 
 
 def create(kvstore: str) -> DistContext:

@@ -1,21 +1,32 @@
-"""Training and evaluation: one Session per run, short functions that return dicts of metrics."""
+"""Training and evaluation: short functions that return dicts of metrics, and `fit`, which trains a
+Session (session.py) epoch by epoch and commits a checkpoint after each."""
 from __future__ import annotations
 
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
 from vgg_gluon import checkpoint as ckpt_mod
-from vgg_gluon import data as data_mod
-from vgg_gluon import models, report
-from vgg_gluon.config import RunConfig
-from vgg_gluon.optim import make_lr_scheduler  # noqa: F401  (also engine.make_lr_scheduler)
-from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
+from vgg_gluon import report
+from vgg_gluon.optim import install_schedule, make_lr_scheduler, make_trainer, set_param_multipliers  # noqa: F401
+from vgg_gluon.runtime import import_mxnet
+from vgg_gluon.session import (  # noqa: F401  (re-exported: the CLI, inspection and tests build sessions here)
+    Session,
+    build_network,
+    build_session,
+    checkpoint_extras,
+    checkpoint_meta,
+    init_amp,
+    input_dtype,
+    load_checkpoint_params,
+    make_lookahead,
+    restore_extras,
+)
 
 log = logging.getLogger(__name__)
 mx = import_mxnet()
@@ -59,38 +70,6 @@ class Partial:
 
 # ------------------------------------------------------------------------------------------------
 # building blocks
-def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, kvstore: Optional[str] = None):
-    opt_params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": make_lr_scheduler(cfg, iters_per_epoch)}
-    if cfg.optimizer in ("sgd", "nag"):
-        opt_params["momentum"] = cfg.momentum
-    if cfg.dtype == "float16":
-        opt_params["multi_precision"] = True  # float32 master weights and updates
-    trainer = gluon.Trainer(net.collect_params(), cfg.optimizer, opt_params,
-                            kvstore=kvstore or cfg.kvstore)
-    if cfg.amp:
-        from mxnet.contrib import amp
-        amp.init_trainer(trainer)  # dynamic loss scaling; skips steps whose gradients overflow
-    return trainer
-
-
-def init_amp(target_precision_ops=None) -> None:
-    """MXNet AMP: patch the operator namespaces to float16 (once, before any network is built).
-
-    target_precision_ops=[] keeps every operator in float32 while the rest of AMP (loss scaling,
-    overflow checks, skipped steps) stays active: how the tests exercise AMP on a CPU, which has
-    no float16 matrix products."""
-    from mxnet.contrib import amp
-    if not getattr(amp.amp, "_amp_initialized", False):
-        amp.init(target_dtype="float16", target_precision_ops=target_precision_ops)
-
-
-def input_dtype(net) -> str:
-    """The dtype the network's first parameter has (float16 after net.cast), so inputs match it."""
-    for p in net.collect_params().values():
-        return "float16" if p.dtype in ("float16", np.float16) else "float32"
-    return "float32"
-
-
 def current_lr(trainer) -> float:
     opt = trainer._optimizer
     return float(opt.lr_scheduler(opt.num_update) if opt.lr_scheduler else opt.lr)
@@ -109,8 +88,8 @@ def _sum_scalars(arrays) -> float:
 def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: int,
                     label_smoothing: float = 0.0, partial: Optional[Partial] = None,
                     log_interval: int = 20, on_progress: Optional[Callable[[Progress], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None, seed: Optional[int] = None
-                    ) -> Dict[str, float]:
+                    should_stop: Optional[Callable[[], bool]] = None, seed: Optional[int] = None,
+                    after_step: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
     """Train for one epoch (from `partial.step` on) and return its metrics.
 
     Loss and accuracy are summed on the devices and read every `log_interval` steps; the only
@@ -133,37 +112,22 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
     for data, labels in loader.epoch(epoch, start_batch=partial.step):
         if seed is not None:
             mx.random.seed(step_seed(seed, epoch, step))
-        with autograd.record():
-            # float16 networks: fp16 in, fp32 logits out so the softmax and metrics stay fp32.
-            outs = [net(x.astype(in_dtype, copy=False)).astype("float32", copy=False) for x in data]
-            if label_smoothing > 0:
-                targets = [mx.nd.one_hot(y, num_classes) * (1 - label_smoothing) + label_smoothing / num_classes
-                           for y in labels]
-            else:
-                targets = labels
-            losses = [loss_fn(o, t) for o, t in zip(outs, targets)]
-            if use_amp:
-                from mxnet.contrib import amp
-                with amp.scale_loss(losses, trainer) as scaled:
-                    autograd.backward(scaled)
-        if not use_amp:
-            autograd.backward(losses)
+        outs, losses = _forward_backward(net, trainer, loss_fn, data, labels, num_classes=num_classes,
+                                         label_smoothing=label_smoothing, in_dtype=in_dtype, use_amp=use_amp)
         n = sum(x.shape[0] for x in data)
         trainer.step(n)
+        if after_step is not None:
+            after_step(int(trainer._optimizer.num_update))
         step_loss = []
         for i, (o, y, lo) in enumerate(zip(outs, labels, losses)):
             s = lo.sum()
             step_loss.append(s)
             loss_acc[i] += s
             corr_acc[i] += (o.argmax(axis=1) == y).sum()
-        if prev_loss is not None:
-            value = _sum_scalars(prev_loss)
-            if not math.isfinite(value):
-                raise NonFiniteLoss(epoch, step, value)
+        _check_finite(prev_loss, epoch, step)
         prev_loss = step_loss
         step += 1
         samples += n
-        ckpt_mod._fault("train-step")   # test-only hook (VGG_GLUON_SLOW_AT=train-step:<s>); a no-op otherwise
         window_n += n
         if on_progress and (step % log_interval == 0 or step == steps):
             total_loss, total_corr = read_totals()
@@ -178,10 +142,7 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
             exc.partial = Partial(step, total_loss, total_corr, samples,
                                   partial.seconds + time.time() - t0)
             raise exc
-    if prev_loss is not None:
-        value = _sum_scalars(prev_loss)
-        if not math.isfinite(value):
-            raise NonFiniteLoss(epoch, step, value)
+    _check_finite(prev_loss, epoch, step)
     total_loss, total_corr = read_totals()
     seconds = partial.seconds + time.time() - t0
     trained = samples - partial.samples
@@ -190,16 +151,52 @@ def train_one_epoch(net, trainer, loader, loss_fn, *, epoch: int, num_classes: i
             "lr": current_lr(trainer)}
 
 
-def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
-    """Accuracy, mean loss, per-class accuracy, confusion matrix and img/s over one split."""
+def _forward_backward(net, trainer, loss_fn, data, labels, *, num_classes: int, label_smoothing: float,
+                      in_dtype: str, use_amp: bool):
+    """One step's forward pass on every device's slice and the backward pass (AMP: of the scaled
+    loss); returns the logits and the per-sample losses."""
+    with autograd.record():
+        # float16 networks: fp16 in, fp32 logits out so the softmax and metrics stay fp32.
+        outs = [net(x.astype(in_dtype, copy=False)).astype("float32", copy=False) for x in data]
+        if label_smoothing > 0:
+            targets = [mx.nd.one_hot(y, num_classes) * (1 - label_smoothing) + label_smoothing / num_classes
+                       for y in labels]
+        else:
+            targets = labels
+        losses = [loss_fn(o, t) for o, t in zip(outs, targets)]
+        if use_amp:
+            from mxnet.contrib import amp
+            with amp.scale_loss(losses, trainer) as scaled:
+                autograd.backward(scaled)
+    if not use_amp:
+        autograd.backward(losses)
+    return outs, losses
+
+
+def _check_finite(step_loss, epoch: int, step: int) -> None:
+    """The summed loss of a step (read one step late, so the device never waits) must be finite."""
+    if step_loss is not None:
+        value = _sum_scalars(step_loss)
+        if not math.isfinite(value):
+            raise NonFiniteLoss(epoch, step, value)
+
+
+def evaluate(net, loader, num_classes: int, loss_fn=None, tta: str = "none") -> Dict[str, Any]:
+    """Accuracy, mean loss, per-class accuracy, confusion matrix and img/s over one split.
+
+    tta: none | flip | flip-translate (fasttrain.tta_logits); the result says which ("tta")."""
+    from vgg_gluon.fasttrain import tta_logits
     loss_fn = loss_fn or gluon.loss.SoftmaxCrossEntropyLoss()
     t0 = time.time()
     loss_sums, preds, truths, in_top = [], [], [], []
     in_dtype = input_dtype(net)
     top_k = min(5, num_classes)
+
+    def forward(v):
+        return net(v.astype(in_dtype, copy=False)).astype("float32", copy=False)
     for data, labels in loader.epoch(0):
         for x, y in zip(data, labels):
-            out = net(x.astype(in_dtype, copy=False)).astype("float32", copy=False)
+            out = tta_logits(forward, x, tta)
             loss_sums.append(loss_fn(out, y).sum())
             preds.append(out.argmax(axis=1).as_in_context(mx.cpu()))
             truths.append(y.as_in_context(mx.cpu()))
@@ -210,151 +207,18 @@ def evaluate(net, loader, num_classes: int, loss_fn=None) -> Dict[str, Any]:
     loss_total = _sum_scalars(loss_sums)
     seconds = time.time() - t0
     n = len(true)
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (true, pred), 1)
+    confusion = report.confusion_matrix(true, pred, num_classes)
     per_class = [float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else float("nan")
                  for c in range(num_classes)]
     top_hits = _sum_scalars(in_top)
     return {"loss": loss_total / max(n, 1), "acc": float((pred == true).mean()) if n else float("nan"),
             "top5_acc": top_hits / n if n else float("nan"), "top_k": top_k,
             "samples": n, "seconds": seconds, "img_per_s": n / max(seconds, 1e-9),
-            "per_class_acc": per_class, "confusion": confusion.tolist()}
+            "per_class_acc": per_class, "confusion": confusion.tolist(), "tta": tta}
 
 
 # ------------------------------------------------------------------------------------------------
 # a run
-@dataclass
-class Session:
-    """Everything one run needs, built in the order MXNet wants: data, network on every context,
-    hybridize, then the Trainer."""
-    cfg: RunConfig
-    ctx_list: list
-    dataset: Any
-    net: Any
-    train_loader: Any = None
-    eval_loader: Any = None
-    val_loader: Any = None
-    trainer: Any = None
-    loss_fn: Any = None
-    history: List[Dict[str, Any]] = field(default_factory=list)
-    dist: Any = None                 # distributed.DistContext with a dist_* kvstore, else None
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.dataset.classes)
-
-    @property
-    def input_shape(self):
-        return data_mod.input_shape(self.cfg.dataset, self.cfg.image_size)
-
-    def preprocessing(self) -> Dict[str, Any]:
-        return {"dataset": self.cfg.dataset, "classes": list(self.dataset.classes),
-                "mean": list(self.dataset.mean), "std": list(self.dataset.std),
-                "input_shape": list(self.input_shape), "pad_to": data_mod.native_size(self.cfg.dataset),
-                "image_size": self.cfg.image_size}
-
-
-def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_source=None,
-                  dataset=None, eval_batch_size: Optional[int] = None) -> Session:
-    """Load data, build the network on every context and (when training) the Trainer.
-
-    params_source: None (fresh init), a Checkpoint, or a path to a bare .params file.
-    """
-    cfg.validate()
-    ctx_list = ctx_list or resolve_ctx(cfg.ctx)
-    if train and cfg.batch_size < len(ctx_list):
-        from vgg_gluon.config import ConfigError
-        raise ConfigError(f"batch size {cfg.batch_size} is smaller than the number of devices ({len(ctx_list)})")
-    if (cfg.amp or cfg.dtype == "float16") and any(c.device_type == "cpu" for c in ctx_list):
-        from vgg_gluon.config import ConfigError
-        raise ConfigError(f"{'--amp' if cfg.amp else '--dtype float16'} needs a GPU (--ctx gpu:0): MXNet has no "
-                          "float16 matrix products on CPU; train in float32 there")
-    seed_everything(cfg.seed)
-    from vgg_gluon import distributed  # a dist kvstore joins the parameter server: rank, workers
-    dist = distributed.create(cfg.kvstore) if train and distributed.wanted(cfg.kvstore) else None
-    if cfg.amp:
-        init_amp()  # before the network is built
-    if dataset is None:
-        dataset = data_mod.load_dataset(
-            cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, train_limit=cfg.train_limit,
-            test_limit=cfg.test_limit, val_split=cfg.val_split, seed=cfg.seed)
-    net = models.build_vgg(cfg.arch, len(dataset.classes), width=cfg.width, batch_norm=cfg.batch_norm,
-                           fc_units=cfg.fc_units, dropout=cfg.dropout)
-    s = Session(cfg, ctx_list, dataset, net, dist=dist)
-    shape = s.input_shape
-    if isinstance(params_source, ckpt_mod.Checkpoint):
-        load_checkpoint_params(net, params_source.file(ckpt_mod.PARAMS), ctx_list)
-    elif params_source is not None:
-        from vgg_gluon import foreign
-        models.initialize(net, ctx_list, seed=cfg.seed)
-        s.foreign_report = foreign.load_params_any(net, Path(params_source), ctx_list, input_shape=shape)
-    else:
-        models.initialize(net, ctx_list, seed=cfg.seed)
-    if cfg.dtype != "float32":
-        net.cast(cfg.dtype)  # BatchNorm keeps float32 parameters (Gluon's BatchNorm.cast)
-    if cfg.hybridize:
-        # Several CPU contexts (the stand-in for several GPUs) with static_alloc: their BatchNorm
-        # running statistics race. Measured here: 2-device runs of the same seed ended with
-        # different running means in about half of the runs under load, never without
-        # static_alloc or with one device. Not traced inside MXNet; the likely cause is that all
-        # CPU contexts share one temp-space pool, which GPUs do not, so GPUs keep static_alloc.
-        static = not (len(ctx_list) > 1 and all(c.device_type == "cpu" for c in ctx_list))
-        net.hybridize(static_alloc=static, static_shape=static)
-    common = dict(mean=dataset.mean, std=dataset.std, pad_to=data_mod.native_size(cfg.dataset),
-                  image_size=cfg.image_size)
-    # Training evaluates in batches of at least 256 (faster, same result); the evaluate command's
-    # --batch-size is taken as given (memory).
-    eval_bs = eval_batch_size or max(cfg.batch_size, 256)
-    s.eval_loader = data_mod.BatchLoader(dataset.test, eval_bs, ctx_list, train=False, **common)
-    if dataset.val is not None:
-        s.val_loader = data_mod.BatchLoader(dataset.val, eval_bs, ctx_list, train=False, **common)
-    s.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=cfg.label_smoothing <= 0)
-    if train:
-        batch, shard = cfg.batch_size, (0, 1)
-        if dist is not None:  # --batch-size is global: each worker takes its share of every step
-            batch, shard = distributed.local_batch_size(cfg.batch_size, dist.num_workers, len(ctx_list)), \
-                (dist.rank, dist.num_workers)
-        s.train_loader = data_mod.BatchLoader(
-            dataset.train, batch, ctx_list, train=True, augment_crop_pad=cfg.augment_crop,
-            augment_flip=cfg.augment_flip, seed=cfg.seed, shard=shard, **common)
-        if len(s.train_loader) == 0:
-            from vgg_gluon.config import ConfigError
-            raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
-                              f"({len(dataset.train.labels)} images)")
-        # Materialize deferred shapes on every context before the Trainer sees the parameters.
-        net(mx.nd.zeros((1,) + tuple(shape), ctx=ctx_list[0], dtype=input_dtype(net)))
-        if dist is not None:
-            s.trainer = dist.make_trainer(net, cfg, len(s.train_loader))
-        else:
-            s.trainer = make_trainer(net, cfg, len(s.train_loader))
-    return s
-
-
-def load_checkpoint_params(net, path: Path, ctx_list) -> None:
-    """Load our own weights strictly; any problem is one CheckpointError line."""
-    try:
-        net.load_parameters(str(path), ctx=ctx_list)
-    except Exception as exc:  # MXNetError, AssertionError (name/shape mismatch), OSError
-        msg = [m.strip() for m in str(exc).strip().splitlines() if m.strip()]
-        # MXNet's messages start with a C++ "Traceback" header; the reason is the last line.
-        reason = next((m for m in reversed(msg) if not m.startswith(("Traceback", "File ", "[bt]"))),
-                      type(exc).__name__)
-        reason = reason.split("MXNetError: ", 1)[-1]
-        detail = next((m for m in msg if "shape" in m.lower() or "missing" in m.lower()), reason)
-        raise ckpt_mod.CheckpointError(f"{path}: cannot load weights ({detail[:200]})") from None
-
-
-def checkpoint_meta(s: Session, metrics: Dict[str, Any], best_acc: float, partial: Optional[Partial]) -> Dict[str, Any]:
-    import vgg_gluon
-    meta = {"config": s.cfg.to_dict(), "metrics": metrics, "best_acc": best_acc,
-            "preprocessing": s.preprocessing(), "ctx": ctx_string(s.ctx_list),
-            "num_update": int(s.trainer._optimizer.num_update), "mxnet": mx.__version__,
-            "vgg_gluon": vgg_gluon.__version__}
-    if partial is not None:
-        meta["partial"] = partial.__dict__
-    return meta
-
-
 @dataclass
 class FitResult:
     status: str                      # finished | stopped | nonfinite
@@ -373,7 +237,7 @@ def _params_finite(net) -> bool:
 
 def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Partial] = None,
         best_acc: float = -1.0, on_progress=None, on_epoch=None,
-        should_stop: Optional[Callable[[], bool]] = None, is_writer: bool = True) -> FitResult:
+        should_stop: Optional[Callable[[], bool]] = None) -> FitResult:
     """Train epochs start_epoch+1 .. cfg.epochs, committing a checkpoint after each.
 
     Epoch e's data order, augmentation and dropout seed depend only on (seed, e), so a resumed run
@@ -386,52 +250,82 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
             m = train_one_epoch(s.net, s.trainer, s.train_loader, s.loss_fn, epoch=epoch,
                                 num_classes=s.num_classes, label_smoothing=cfg.label_smoothing,
                                 partial=partial, log_interval=cfg.log_interval,
-                                on_progress=on_progress, should_stop=should_stop, seed=cfg.seed)
+                                on_progress=on_progress, should_stop=should_stop, seed=cfg.seed,
+                                after_step=s.lookahead.after_step if s.lookahead is not None else None)
         except StopRequested as stop:
-            from vgg_gluon.distributed import statistics_before_mid_epoch_save
-            statistics_before_mid_epoch_save(s)  # BatchNorm: one set over devices (and sync workers)
-            c = None
-            if is_writer and _params_finite(s.net):
-                c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer,
-                                             checkpoint_meta(s, {}, best_acc, stop.partial),
-                                             epoch=epoch - 1, step=stop.partial.step, keep_last=cfg.keep_last)
-            return FitResult("stopped", epoch - 1, c, best_acc,
-                             f"stopped in epoch {epoch} after step {stop.partial.step}")
+            return _save_stopped(s, run_dir, epoch, stop.partial, best_acc)
         except NonFiniteLoss as exc:
             return FitResult("nonfinite", epoch - 1, None, best_acc, str(exc))
         partial = None
-        if s.dist is not None:  # same weights, BN statistics and train metrics on every worker
-            m = s.dist.epoch_end(s.net, s.trainer, m, epoch)
-        elif len(s.ctx_list) > 1:  # BatchNorm statistics: one set per device until now
-            from vgg_gluon.distributed import average_device_copies
-            average_device_copies(s.net)
-        test = evaluate(s.net, s.eval_loader, s.num_classes)
-        row = {"epoch": epoch, **{k: m[k] for k in ("train_loss", "train_acc")},
-               "test_loss": test["loss"], "test_acc": test["acc"]}
-        select_acc = test["acc"]
-        if s.val_loader is not None:
-            val = evaluate(s.net, s.val_loader, s.num_classes)
-            row.update(val_loss=val["loss"], val_acc=val["acc"])
-            select_acc = val["acc"]  # choose "best" on validation data when there is some
-        row.update(lr=m["lr"], seconds=m["seconds"], img_per_s=m["img_per_s"],
-                   eval_img_per_s=test["img_per_s"])
+        m = _epoch_end(s, m, epoch)
+        row, select_acc = _evaluate_epoch(s, epoch, m)
         is_best = select_acc > best_acc
         best_acc = max(best_acc, select_acc)
         c = None
-        if is_writer:
+        if s.is_writer:
             if not _params_finite(s.net):
                 return FitResult("nonfinite", epoch - 1, None, best_acc,
                                  f"parameters became NaN/Inf in epoch {epoch}: not saved; lower --lr")
-            c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer, checkpoint_meta(s, row, best_acc, None),
-                                         epoch=epoch, is_best=is_best, keep_last=cfg.keep_last)
-            s.history = [r for r in s.history if int(r["epoch"]) < epoch] + [row]
-            report.write_history(run_dir / "history.csv", s.history)
-            try:
-                report.plot_curves(run_dir / "curves.png", s.history)
-            except Exception as exc:  # a plot must never stop training
-                log.warning("could not draw curves.png: %s", exc)
+            c = _commit_epoch(s, run_dir, epoch, row, best_acc, is_best)
         if on_epoch:
             on_epoch(row, is_best)
         if should_stop and should_stop() and epoch < cfg.epochs:
             return FitResult("stopped", epoch, c, best_acc, f"stopped after epoch {epoch}")
     return FitResult("finished", cfg.epochs, None, best_acc, "")
+
+
+def _save_stopped(s: Session, run_dir: Path, epoch: int, partial: Partial, best_acc: float) -> FitResult:
+    """Ctrl-C / SIGTERM inside `epoch`: one set of BatchNorm statistics, then a mid-epoch checkpoint."""
+    from vgg_gluon.distributed import statistics_before_mid_epoch_save
+    statistics_before_mid_epoch_save(s)  # BatchNorm: one set over devices (and sync workers)
+    c = None
+    if s.is_writer and _params_finite(s.net):
+        c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer, checkpoint_meta(s, {}, best_acc, partial),
+                                     epoch=epoch - 1, step=partial.step, keep_last=s.cfg.keep_last,
+                                     extras=checkpoint_extras(s))
+    return FitResult("stopped", epoch - 1, c, best_acc, f"stopped in epoch {epoch} after step {partial.step}")
+
+
+def _epoch_end(s: Session, m: Dict[str, Any], epoch: int) -> Dict[str, Any]:
+    """One network for evaluation and the checkpoint: lookahead's slow weights, and the devices'
+    (and workers') BatchNorm statistics and train metrics made one."""
+    if s.lookahead is not None:
+        s.lookahead.epoch_end()  # the network takes the slow weights
+    if s.dist is not None:  # same weights, BN statistics and train metrics on every worker
+        m = s.dist.epoch_end(s.net, s.trainer, m, epoch)
+    elif len(s.ctx_list) > 1:  # BatchNorm statistics: one set per device until now
+        from vgg_gluon.distributed import average_device_copies
+        average_device_copies(s.net)
+    if s.lookahead is not None:
+        s.lookahead.sync_from_net()
+    return m
+
+
+def _evaluate_epoch(s: Session, epoch: int, m: Dict[str, Any]):
+    """The epoch's history row, and the accuracy "best" is chosen on (validation when there is some)."""
+    cfg = s.cfg
+    test = evaluate(s.net, s.eval_loader, s.num_classes, tta=cfg.eval_tta)
+    row = {"epoch": epoch, **{k: m[k] for k in ("train_loss", "train_acc")},
+           "test_loss": test["loss"], "test_acc": test["acc"]}
+    if cfg.eval_tta != "none":
+        row["tta"] = cfg.eval_tta
+    select_acc = test["acc"]
+    if s.val_loader is not None:
+        val = evaluate(s.net, s.val_loader, s.num_classes, tta=cfg.eval_tta)
+        row.update(val_loss=val["loss"], val_acc=val["acc"])
+        select_acc = val["acc"]
+    row.update(lr=m["lr"], seconds=m["seconds"], img_per_s=m["img_per_s"], eval_img_per_s=test["img_per_s"])
+    return row, select_acc
+
+
+def _commit_epoch(s: Session, run_dir: Path, epoch: int, row: Dict[str, Any], best_acc: float, is_best: bool):
+    """The end-of-epoch checkpoint, then history.csv and curves.png (a plot never stops training)."""
+    c = ckpt_mod.save_checkpoint(run_dir, s.net, s.trainer, checkpoint_meta(s, row, best_acc, None),
+                                 epoch=epoch, is_best=is_best, keep_last=s.cfg.keep_last, extras=checkpoint_extras(s))
+    s.history = [r for r in s.history if int(r["epoch"]) < epoch] + [row]
+    report.write_history(run_dir / "history.csv", s.history)
+    try:
+        report.plot_curves(run_dir / "curves.png", s.history)
+    except Exception as exc:  # a plot must never stop training
+        log.warning("could not draw curves.png: %s", exc)
+    return c

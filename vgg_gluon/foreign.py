@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 
-from vgg_gluon.models import VGG, VGG_SPECS, format_width, initialize, materialize, scaled_spec
+from vgg_gluon.errors import UserError, mxnet_error_reason
+from vgg_gluon.models import CLASSIC_ARCHS, VGG, VGG_SPECS, format_width, initialize, materialize, scaled_spec
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ _PREFIXED_SUFFIX = re.compile(r"^(?P<layer>.*?)_?(?P<suffix>running_mean|running
                               r"|weight|bias|gamma|beta)$")
 
 
-class ParamsError(Exception):
+class ParamsError(UserError):
     """One user-facing line: which file, what is wrong (first mismatch)."""
 
 
@@ -57,18 +58,7 @@ class LoadReport:
 
 # --- reading ------------------------------------------------------------------------------------
 
-def _mx_reason(exc: BaseException) -> str:
-    """The useful last line of an MXNetError (they carry a C++ 'Traceback' header)."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    reason = lines[-1]
-    for prefix in ("MXNetError: ", "LocalFileSystem: "):
-        if reason.startswith(prefix):
-            reason = reason[len(prefix):]
-    if reason.startswith("Check failed:"):
-        reason = reason.rsplit(": ", 1)[-1]  # drop the C++ condition, keep the message
-    return reason
+_mx_reason = mxnet_error_reason
 
 
 def read_params_file(path: Path) -> Dict[str, mx.nd.NDArray]:
@@ -168,7 +158,7 @@ def _count_hint(net: VGG, count: int, file_has_bn: bool) -> str:
         return "the network uses batch norm but the file has no batch-norm tensors: use --no-batch-norm"
     if file_has_bn and not net.batch_norm:
         return "the file has batch-norm tensors but the network has none: use --batch-norm"
-    for arch, spec in VGG_SPECS.items():
+    for arch, spec in ((a, VGG_SPECS[a]) for a in CLASSIC_ARCHS):  # the tutorial layouts' rows
         if arch != net.arch and _expected_count(sum(n for n, _ in spec), net.batch_norm) == count:
             return f"the file looks like {arch}: use --arch {arch}"
     return "the file is not a VGG of this family"
@@ -258,6 +248,8 @@ def _fold_conv_bias_into_bn(entries: List[Tuple[str, mx.nd.NDArray]]
     return out, folded
 
 
+# Longer than 60 lines on purpose: one pass that reads, recognises the layout, checks every shape
+# in order and names the first mismatch; split, the order of the checks would be spread out.
 def load_params_any(net: VGG, path: Path, ctx_list: Sequence[mx.Context], *,
                     input_shape: Tuple[int, int, int]) -> LoadReport:
     """Load `path` into `net` on every context of `ctx_list`, from our layout or a tutorial's.
@@ -376,7 +368,7 @@ def infer_architecture(path: Path) -> Dict[str, Any]:
     out["fc_units"] = int(denses[0][0])
     out["num_classes"] = int(denses[-1][0])
     channels = [int(s[0]) for s in convs]
-    for arch in VGG_SPECS:
+    for arch in CLASSIC_ARCHS:  # the fast rows have no tutorial layout to recognize
         if _spec_from_channels(arch, channels) is not None:
             out["arch"] = arch
             width = _width_for(arch, channels)

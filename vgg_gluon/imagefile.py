@@ -4,8 +4,9 @@ that `export` ships next to the model (copied verbatim as vgg_image.py), so the 
 Needs only Pillow and numpy (the export must run without vgg-gluon).
 """
 import numpy as np
-from PIL import Image, ImageOps
 
+# The image files predict reads and image-folder data sets are made of.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 # Pillow modes of 16-bit and 32-bit grayscale; `convert("L")` would clip them to 2 grey levels.
 WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
@@ -14,6 +15,7 @@ def image_to_array(im, channels, size):
     """A loaded PIL image -> uint8 (size, size, channels): EXIF orientation applied, 16-bit and float
     grayscale rescaled to 0..255, palette images through RGBA, then grayscale (L) for 1 channel or
     RGB for 3, resized with bilinear filtering as image folders are."""
+    from PIL import Image, ImageOps
     try:
         im = ImageOps.exif_transpose(im)
     except Exception:  # broken EXIF: keep the pixels as stored
@@ -32,6 +34,7 @@ def image_to_array(im, channels, size):
 
 def read_image(path, channels, size):
     """image_to_array of the file at `path`."""
+    from PIL import Image
     with Image.open(path) as im:
         im.load()
         return image_to_array(im, channels, size)

@@ -15,15 +15,16 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vgg_gluon.config import RunConfig
+from vgg_gluon.errors import UserError, mxnet_error_reason
+from vgg_gluon.imagefile import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EXPORT_PREFIX = "model"
 EXPORT_FORMAT = "vgg-gluon-export/1"
 
 
-class InspectError(Exception):
+class InspectError(UserError):
     """A one-line, user-facing problem (shown as `Error: ...`)."""
 
 
@@ -88,7 +89,7 @@ def run_num_classes(run_dir: Path) -> Optional[int]:
 def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
     """Build the run's network and load the weights of its `which` (best|last) checkpoint."""
     from vgg_gluon import checkpoint as ck
-    from vgg_gluon import engine, models
+    from vgg_gluon import engine
     mx = engine.mx
     run_dir = Path(run_dir)
     c = ck.select_checkpoint(run_dir, which)
@@ -101,8 +102,7 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
         from vgg_gluon.runtime import resolve_ctx
         ctx = resolve_ctx(ctx)[0]
     ctx = ctx or mx.cpu()
-    net = models.build_vgg(cfg.arch, len(prep["classes"]), width=cfg.width, batch_norm=cfg.batch_norm,
-                           fc_units=cfg.fc_units, dropout=cfg.dropout)
+    net = engine.build_network(cfg, len(prep["classes"]))  # the run's layer options (activation, BN)
     if getattr(cfg, "dtype", "float32") != "float32":
         # A float16 run: its weights are cast to float32 on loading (predict/export/report run
         # anywhere, and an export serves float32 inputs).
@@ -110,7 +110,7 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
             net.load_parameters(str(c.file(ck.PARAMS)), ctx=[ctx], cast_dtype=True, dtype_source="current")
         except Exception as exc:  # MXNetError, AssertionError
             raise ck.CheckpointError(f"{c.file(ck.PARAMS)}: cannot load weights "
-                                     f"({(str(exc).strip().splitlines() or [''])[0][:200]})") from None
+                                     f"({mxnet_error_reason(exc)[:200]})") from None
     else:
         engine.load_checkpoint_params(net, c.file(ck.PARAMS), [ctx])
     net.hybridize()
@@ -122,10 +122,11 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
 def summary(arch: str, *, width: float, batch_norm: bool, fc_units: Optional[int], num_classes: int,
             input_shape: Tuple[int, int, int], layers: bool = False) -> Dict[str, Any]:
     """Per-block (or per-layer) rows for a spec and input size, as plain data."""
-    from vgg_gluon import models
+    from vgg_gluon import models, netsummary
     try:
-        net = models.build_vgg(arch, num_classes, width=width, batch_norm=batch_norm, fc_units=fc_units)
-        rows = (models.layer_summary if layers else models.block_summary)(net, tuple(input_shape))
+        net = models.build_vgg(arch, num_classes, width=width, batch_norm=batch_norm, fc_units=fc_units,
+                               in_channels=int(input_shape[0]))
+        rows = (netsummary.layer_summary if layers else netsummary.block_summary)(net, tuple(input_shape))
     except ValueError as exc:
         raise InspectError(str(exc)) from None
     return {"arch": arch, "width": width, "batch_norm": batch_norm, "fc_units": net.fc_units,
@@ -143,7 +144,7 @@ def human(n: float) -> str:
 
 
 def format_summary_text(s: Dict[str, Any]) -> str:
-    from vgg_gluon.models import LayerRow, format_summary
+    from vgg_gluon.netsummary import LayerRow, format_summary
     rows = [LayerRow(r["name"], r["kind"], tuple(r["output_shape"]), r["params"], r["macs"]) for r in s["rows"]]
     head = f"{s['description']}, {s['num_classes']} classes, input {tuple(s['input_shape'])}"
     foot = (f"{human(s['total_params'])} parameters ({s['total_params'] * 4 / 2 ** 20:.1f} MiB float32), "
@@ -360,8 +361,7 @@ def write_report(run_dir: Path, net, dataset, prep: Dict[str, Any], ctx, *, chec
     pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     classes = list(prep["classes"])
     k = len(classes)
-    confusion = np.zeros((k, k), dtype=np.int64)
-    np.add.at(confusion, (truth, pred), 1)
+    confusion = report.confusion_matrix(truth, pred, k)
     history = report.read_history(run_dir / "history.csv")
     out: Dict[str, Path] = {}
     if history:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
@@ -23,13 +24,49 @@ log = logging.getLogger(__name__)
 
 Spec = Tuple[Tuple[int, int], ...]
 
-#: (num_convs, channels) per block: configurations A, B, D and E of Simonyan & Zisserman (2014).
+#: (num_convs, channels) per block: configurations A, B, D and E of Simonyan & Zisserman (2014),
+#: then the fast-training rows (3 blocks of 2 convs, airbench94's shape; their layout is in LAYOUTS).
 VGG_SPECS: Dict[str, Spec] = {
     "vgg11": ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512)),
     "vgg13": ((2, 64), (2, 128), (2, 256), (2, 512), (2, 512)),
     "vgg16": ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512)),
     "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
+    "fast3": ((2, 64), (2, 256), (2, 256)),
+    "fast3s": ((2, 64), (2, 128), (2, 256)),
 }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a row of VGG_SPECS is laid out around its blocks (the classic VGG unless LAYOUTS says).
+
+    pool: "end" (VGG: [conv-BN-act] x n, then pool) or "first" (airbench: conv, pool, BN, act,
+    then the block's other convs at half resolution, which costs far fewer FLOPs).
+    stem: side of a patch layer before the blocks (0: none; 2: a 2x2 conv without padding,
+    2 x C x 2 x 2 filters, which `whiten` can initialize from the data).
+    head: "mlp" (fc1 drop1 fc2 drop2 fc3) or "linear" (global max-pool, one Dense without bias,
+    logits multiplied by `logit_scale`).
+    """
+    pool: str = "end"
+    stem: int = 0
+    head: str = "mlp"
+    logit_scale: float = 1.0
+
+
+#: Rows whose layout differs from the classic VGG one (airbench94, Jordan 2024).
+LAYOUTS: Dict[str, Layout] = {
+    "fast3": Layout(pool="first", stem=2, head="linear", logit_scale=1 / 9),
+    "fast3s": Layout(pool="first", stem=2, head="linear", logit_scale=1 / 9),
+}
+
+#: The configurations of the paper (the tutorial .params mapping knows only these).
+CLASSIC_ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
+ACTIVATIONS = ("relu", "gelu")
+
+
+def layout(arch: str) -> Layout:
+    """The row's layout (classic VGG for the paper's four)."""
+    return LAYOUTS.get(arch, Layout())
 
 #: Width of the two hidden fully connected layers at width 1.0.
 BASE_FC_UNITS = 4096
@@ -63,12 +100,13 @@ def min_image_size() -> int:
     return _MIN_IMAGE_SIZE
 
 
-def check_image_size(height: int, width: int) -> None:
-    """Raise ValueError (one line) if an image of height x width is too small for five pools."""
-    if height < _MIN_IMAGE_SIZE or width < _MIN_IMAGE_SIZE:
+def check_image_size(height: int, width: int, minimum: int = _MIN_IMAGE_SIZE) -> None:
+    """Raise ValueError (one line) if an image of height x width is too small for the pools."""
+    if height < minimum or width < minimum:
+        pools = "five 2x2 max-pools" if minimum == _MIN_IMAGE_SIZE else "2x2 max-pools"
         raise ValueError(
-            f"input images of {height}x{width} px are too small for VGG: its five 2x2 max-pools "
-            f"need at least {_MIN_IMAGE_SIZE}x{_MIN_IMAGE_SIZE} px (resize the data)"
+            f"input images of {height}x{width} px are too small for VGG: its {pools} "
+            f"need at least {minimum}x{minimum} px (resize the data)"
         )
 
 
@@ -76,15 +114,19 @@ def check_image_size(height: int, width: int) -> None:
 # One place decides the child names, used both to build the network and to describe it
 # analytically (layer_summary), so the two cannot drift apart.
 
-def _block_layer_names(num_convs: int, batch_norm: bool) -> List[Tuple[str, str]]:
+def _block_layer_names(num_convs: int, batch_norm: bool, pool: str = "end") -> List[Tuple[str, str]]:
     """(child name, kind) of the layers inside one VGG block (the same layout for every block)."""
     layers: List[Tuple[str, str]] = []
+    act = "relu" if pool == "end" else "act"   # the classic names stay as they were
     for j in range(1, num_convs + 1):
         layers.append((f"conv{j}", "conv"))
+        if pool == "first" and j == 1:
+            layers.append(("pool", "pool"))
         if batch_norm:
             layers.append((f"bn{j}", "bn"))
-        layers.append((f"relu{j}", "relu"))
-    layers.append(("pool", "pool"))
+        layers.append((f"{act}{j}", "relu"))
+    if pool == "end":
+        layers.append(("pool", "pool"))
     return layers
 
 
@@ -111,51 +153,116 @@ def _output_init() -> mx.init.Initializer:
     return mx.init.Normal(0.01)
 
 
-def _make_layer(kind: str, channels: int, batch_norm: bool) -> gluon.HybridBlock:
+class _DiracUniform(mx.init.Initializer):
+    """PyTorch's default conv init (uniform, bound 1/sqrt(fan_in)) with the first min(out, in)
+    filters set to the identity (airbench's "implicit residual": a fresh block passes its input on)."""
+
+    def _init_weight(self, name, arr):
+        out_c, in_c = arr.shape[0], arr.shape[1]
+        fan_in = in_c * arr.shape[2] * arr.shape[3]
+        bound = 1.0 / np.sqrt(fan_in)
+        arr[:] = mx.nd.random.uniform(-bound, bound, shape=arr.shape, ctx=arr.context)
+        k = min(out_c, in_c)
+        w = arr.asnumpy()
+        w[:k] = 0.0
+        w[np.arange(k), np.arange(k), arr.shape[2] // 2, arr.shape[3] // 2] = 1.0
+        arr[:] = w
+
+
+class Scale(gluon.HybridBlock):
+    """Multiply by a constant (airbench's 1/9 on the logits of a BN net without BN scale)."""
+
+    def __init__(self, scale: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.scale = float(scale)
+
+    def hybrid_forward(self, F, x):  # noqa: N803 - Gluon's signature
+        return x * self.scale
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """Training-recipe choices inside the layers (the classic VGG: ReLU, Gluon's BatchNorm)."""
+    activation: str = "relu"
+    bn_scale: bool = True          # False: BN gamma fixed at 1 (airbench: only the shift is learned)
+    bn_momentum: float = 0.9       # Gluon's convention: running = m * running + (1 - m) * batch
+    bn_eps: float = 1e-5
+    dirac_init: bool = False       # identity-initialized convs (set for the fast layouts)
+
+
+def _activation(name: str) -> gluon.HybridBlock:
+    if name == "gelu":
+        return nn.GELU()
+    return nn.Activation("relu")
+
+
+def _make_layer(kind: str, channels: int, batch_norm: bool,
+                opts: LayerOptions = LayerOptions()) -> gluon.HybridBlock:
     if kind == "conv":
         # With BN right after, a conv bias is redundant: BN subtracts the batch mean (removing
         # any constant) and adds its own learned shift `beta`. Dropping it saves parameters and
         # one broadcast add per conv.
         return nn.Conv2D(channels, kernel_size=3, padding=1, use_bias=not batch_norm,
-                         weight_initializer=_conv_init())
+                         weight_initializer=_DiracUniform() if opts.dirac_init else _conv_init())
     if kind == "bn":
-        return nn.BatchNorm()
+        if opts == LayerOptions():
+            return nn.BatchNorm()
+        return nn.BatchNorm(momentum=opts.bn_momentum, epsilon=opts.bn_eps, scale=opts.bn_scale)
     if kind == "relu":
-        return nn.Activation("relu")
+        return _activation(opts.activation)
     if kind == "pool":
         return nn.MaxPool2D(pool_size=2, strides=2)
     raise AssertionError(kind)
 
 
 def vgg_block(num_convs: int, channels: int, *, batch_norm: bool = False,
-              prefix: Optional[str] = None) -> nn.HybridSequential:
+              prefix: Optional[str] = None, pool: str = "end",
+              opts: LayerOptions = LayerOptions()) -> nn.HybridSequential:
     """[3x3 conv (pad 1) (+ BN) + ReLU] x num_convs, then a 2x2/2 max-pool: halves H and W.
+    With pool="first", the pool follows the first conv (airbench's ConvGroup).
 
     Children are named conv1, bn1, relu1, ..., pool (they become part of the parameter names).
     """
     block = nn.HybridSequential(prefix=prefix)
     with block.name_scope():
-        for name, kind in _block_layer_names(num_convs, batch_norm):
-            block.register_child(_make_layer(kind, channels, batch_norm), name)
+        for name, kind in _block_layer_names(num_convs, batch_norm, pool):
+            block.register_child(_make_layer(kind, channels, batch_norm, opts), name)
     return block
 
 
+def stem_channels(lay: Layout, in_channels: int) -> int:
+    """Filters of the patch layer: +/- every eigenvector of the k x k x C patch covariance."""
+    return 2 * in_channels * lay.stem * lay.stem
+
+
 class VGG(gluon.HybridBlock):
-    """VGG feature extractor (5 blocks of 3x3 convs + 2x2 max-pool) and a 3-layer classifier.
+    """VGG feature extractor (blocks of 3x3 convs + 2x2 max-pool) and a dense classifier.
+
+    The classic rows: five blocks and a 3-layer classifier. Rows with a `Layout` in LAYOUTS may
+    have another number of blocks, a 2x2 patch stem and a one-Dense head.
 
     Attributes:
-        features: `HybridSequential` of five blocks named ``block1`` .. ``block5``.
-        classifier: `HybridSequential` ``fc1 drop1 fc2 drop2 fc3``.
+        features: `HybridSequential` of the blocks named ``block1`` .. ``blockN`` (after ``stem``).
+        classifier: `HybridSequential` ``fc1 drop1 fc2 drop2 fc3`` (or ``pool fc scale``).
         arch, spec, num_classes, batch_norm, fc_units, dropout, width: the configuration, kept so
             the network can be described (`layer_summary`) and matched against files.
     """
 
+    # 61 lines: the children are registered in the order and under the names that become the
+    # parameter names of every checkpoint, so they stay in one readable block.
     def __init__(self, spec: Sequence[Tuple[int, int]], num_classes: int, *, batch_norm: bool = False,
                  fc_units: int = BASE_FC_UNITS, dropout: float = 0.5, arch: str = "vgg",
-                 width: float = 1.0, **kwargs) -> None:
+                 width: float = 1.0, layout: Optional[Layout] = None,
+                 opts: LayerOptions = LayerOptions(), in_channels: Optional[int] = None, **kwargs) -> None:
         super().__init__(**kwargs)
-        if len(spec) != 5:
+        self.layout = layout or Layout()
+        lay = self.layout
+        if lay == Layout() and len(spec) != 5:
             raise ValueError(f"a VGG spec has 5 blocks, got {len(spec)}")
+        if not spec:
+            raise ValueError("a VGG spec needs at least one block")
+        if lay.stem and not in_channels:
+            raise ValueError(f"{arch}: the patch stem needs the number of input channels")
         if num_classes < 1 or fc_units < 1:
             raise ValueError(f"num_classes and fc_units must be >= 1, got {num_classes} and {fc_units}")
         if not 0.0 <= dropout < 1.0:
@@ -167,25 +274,53 @@ class VGG(gluon.HybridBlock):
         self.dropout = float(dropout)
         self.arch = arch
         self.width = float(width)
+        self.opts = opts
+        self.stem_channels = stem_channels(lay, int(in_channels)) if lay.stem else 0
 
         with self.name_scope():
             self.features = nn.HybridSequential(prefix="features_")
             with self.features.name_scope():
+                if lay.stem:
+                    stem = nn.HybridSequential(prefix="stem_")
+                    with stem.name_scope():
+                        # Frozen when whitened (fasttrain.whiten_stem); its bias always trains.
+                        stem.register_child(nn.Conv2D(self.stem_channels, kernel_size=lay.stem, padding=0,
+                                                      use_bias=True, weight_initializer=_conv_init()), "conv")
+                        stem.register_child(_activation(opts.activation), "act")
+                    self.features.register_child(stem, "stem")
                 for b, (num_convs, channels) in enumerate(self.spec, start=1):
-                    block = vgg_block(num_convs, channels, batch_norm=self.batch_norm, prefix=f"block{b}_")
+                    block = vgg_block(num_convs, channels, batch_norm=self.batch_norm, prefix=f"block{b}_",
+                                      pool=lay.pool, opts=opts)
                     self.features.register_child(block, f"block{b}")
 
             self.classifier = nn.HybridSequential(prefix="classifier_")
             with self.classifier.name_scope():
-                for name, kind in _CLASSIFIER_LAYERS:
-                    if kind == "dropout":
-                        layer = nn.Dropout(self.dropout)
-                    elif name == "fc3":
-                        layer = nn.Dense(self.num_classes, weight_initializer=_output_init())
-                    else:
-                        # Dense flattens (N, C, H, W) itself and infers C*H*W: no resolution baked in.
-                        layer = nn.Dense(self.fc_units, activation="relu", weight_initializer=_dense_init())
-                    self.classifier.register_child(layer, name)
+                if lay.head == "linear":
+                    self.classifier.register_child(nn.GlobalMaxPool2D(), "pool")
+                    self.classifier.register_child(nn.Dense(self.num_classes, use_bias=False,
+                                                            weight_initializer=_dense_init()), "fc")
+                    if lay.logit_scale != 1.0:
+                        self.classifier.register_child(Scale(lay.logit_scale), "scale")
+                else:
+                    for name, kind in _CLASSIFIER_LAYERS:
+                        if kind == "dropout":
+                            layer = nn.Dropout(self.dropout)
+                        elif name == "fc3":
+                            layer = nn.Dense(self.num_classes, weight_initializer=_output_init())
+                        else:
+                            # Dense flattens (N, C, H, W) itself and infers C*H*W: no resolution baked in.
+                            layer = nn.Dense(self.fc_units, activation="relu", weight_initializer=_dense_init())
+                        self.classifier.register_child(layer, name)
+
+    @property
+    def stem_conv(self):
+        """The patch stem's convolution (None without a stem)."""
+        return self.features[0][0] if self.layout.stem else None
+
+    @property
+    def min_image_size(self) -> int:
+        """Smallest height/width this network accepts: 2 ** pools (+ stem - 1)."""
+        return 2 ** len(self.spec) + max(self.layout.stem - 1, 0)
 
     def forward(self, x, *args):  # noqa: D102 - validates eager inputs, then Gluon's forward
         # Check here rather than in hybrid_forward: a hybridized net only sees symbols there, and
@@ -193,7 +328,7 @@ class VGG(gluon.HybridBlock):
         if isinstance(x, mx.nd.NDArray):
             if x.ndim != 4:
                 raise ValueError(f"VGG expects a batch of images (N, C, H, W), got shape {x.shape}")
-            check_image_size(x.shape[2], x.shape[3])
+            check_image_size(x.shape[2], x.shape[3], self.min_image_size)
             in_ch = self.in_channels
             if in_ch and x.shape[1] != in_ch:
                 raise ValueError(f"this network was built for {in_ch}-channel images, got {x.shape[1]} channels")
@@ -206,22 +341,31 @@ class VGG(gluon.HybridBlock):
     @property
     def in_channels(self) -> int:
         """Input channels once known (after the first forward or loading), else 0."""
-        shape = self.features[0][0].weight.shape
+        shape = self.features[0][0].weight.shape  # block1.conv1, or the stem's conv
         return int(shape[1]) if shape and len(shape) > 1 else 0
 
     def describe(self) -> str:
         """Short human description, e.g. 'vgg11 width 0.25 +BN fc 1024'."""
         bn = " +BN" if self.batch_norm else ""
+        if self.layout.head == "linear":
+            return f"{self.arch} width {format_width(self.width)}{bn} {self.opts.activation}"
         return f"{self.arch} width {format_width(self.width)}{bn} fc {self.fc_units}"
 
 
 def build_vgg(arch: str, num_classes: int, *, width: float = 1.0, batch_norm: bool = False,
-              fc_units: Optional[int] = None, dropout: float = 0.5) -> VGG:
-    """Build `arch` (vgg11/13/16/19) narrowed by `width`; `fc_units` None -> default_fc_units(width)."""
+              fc_units: Optional[int] = None, dropout: float = 0.5, opts: Optional[LayerOptions] = None,
+              in_channels: Optional[int] = None) -> VGG:
+    """Build a row of VGG_SPECS narrowed by `width`; `fc_units` None -> default_fc_units(width).
+
+    The fast rows (LAYOUTS) get identity-initialized convs unless `opts` says otherwise, and need
+    `in_channels` for their patch stem."""
     spec = scaled_spec(arch, width)
     units = default_fc_units(width) if fc_units is None else int(fc_units)
+    lay = layout(arch)
+    if opts is None:
+        opts = LayerOptions(dirac_init=arch in LAYOUTS)
     net = VGG(spec, num_classes, batch_norm=batch_norm, fc_units=units, dropout=dropout,
-              arch=arch, width=width)
+              arch=arch, width=width, layout=lay, opts=opts, in_channels=in_channels or 3)
     log.debug("built %s: spec %s, %d classes", net.describe(), spec, num_classes)
     return net
 
@@ -263,108 +407,6 @@ def materialize(net: VGG, ctx: mx.Context, input_shape: Tuple[int, int, int]) ->
     dropout are untouched.
     """
     c, h, w = input_shape
-    check_image_size(h, w)
+    check_image_size(h, w, getattr(net, "min_image_size", _MIN_IMAGE_SIZE))
     net(mx.nd.zeros((1, c, h, w), ctx=ctx))
     mx.nd.waitall()
-
-
-# --- analytic description -----------------------------------------------------------------------
-
-@dataclass
-class LayerRow:
-    """One row of a layer table: output shape for batch 1, trainable parameters, multiply-accumulates."""
-    name: str
-    kind: str
-    output_shape: Tuple[int, ...]
-    params: int
-    macs: int
-
-
-def _spec_rows(spec: Spec, batch_norm: bool, fc_units: int, num_classes: int,
-               input_shape: Tuple[int, int, int]) -> List[LayerRow]:
-    """Per-layer rows computed from the configuration alone (no network, no forward pass).
-
-    Counting conventions: `params` are trainable parameters only (BN's running mean/var are state,
-    not trained); `macs` count conv and dense multiply-accumulates, plus one per output element for
-    BN (scale-and-shift at inference); ReLU, max-pool and dropout do no multiplies. Bias adds are
-    not counted, as usual.
-    """
-    if len(input_shape) != 3:
-        raise ValueError(f"input_shape is (channels, height, width), got {input_shape}")
-    c, h, w = (int(v) for v in input_shape)
-    check_image_size(h, w)
-    rows: List[LayerRow] = []
-    for b, (num_convs, channels) in enumerate(spec, start=1):
-        for name, kind in _block_layer_names(num_convs, batch_norm):
-            full = f"features.block{b}.{name}"
-            if kind == "conv":
-                params = channels * c * 9 + (0 if batch_norm else channels)
-                macs = channels * h * w * c * 9
-                c = channels
-                rows.append(LayerRow(full, kind, (1, c, h, w), params, macs))
-            elif kind == "bn":
-                rows.append(LayerRow(full, kind, (1, c, h, w), 2 * c, c * h * w))
-            elif kind == "relu":
-                rows.append(LayerRow(full, kind, (1, c, h, w), 0, 0))
-            else:  # pool: 2x2 stride 2, no padding -> floor halving
-                h, w = h // 2, w // 2
-                rows.append(LayerRow(full, kind, (1, c, h, w), 0, 0))
-    features = c * h * w
-    for name, kind in _CLASSIFIER_LAYERS:
-        full = f"classifier.{name}"
-        if kind == "dropout":
-            rows.append(LayerRow(full, kind, (1, features), 0, 0))
-            continue
-        units = num_classes if name == "fc3" else fc_units
-        rows.append(LayerRow(full, kind, (1, units), features * units + units, features * units))
-        features = units
-    return rows
-
-
-def layer_summary(net: VGG, input_shape: Tuple[int, int, int]) -> List[LayerRow]:
-    """One row per layer (conv, bn, relu, pool, dense, dropout) for images of `input_shape` (C, H, W)."""
-    return _spec_rows(net.spec, net.batch_norm, net.fc_units, net.num_classes, input_shape)
-
-
-def block_summary(net: VGG, input_shape: Tuple[int, int, int]) -> List[LayerRow]:
-    """One row per VGG block (kind 'block', totals) followed by one row per classifier layer.
-
-    For vgg11 at 224 px this is the table the tutorials print by hand: (1,64,112,112) ...
-    (1,512,7,7), then dense (1,4096), dropout, dense (1,4096), dropout, dense (1,num_classes).
-    """
-    rows: List[LayerRow] = []
-    for row in layer_summary(net, input_shape):
-        if not row.name.startswith("features."):
-            rows.append(row)
-            continue
-        block = row.name.rsplit(".", 1)[0]
-        if rows and rows[-1].name == block:
-            last = rows[-1]
-            rows[-1] = LayerRow(block, "block", row.output_shape, last.params + row.params, last.macs + row.macs)
-        else:
-            rows.append(LayerRow(block, "block", row.output_shape, row.params, row.macs))
-    return rows
-
-
-def count_params(rows: Iterable[LayerRow]) -> int:
-    """Total trainable parameters of a summary."""
-    return sum(r.params for r in rows)
-
-
-def count_macs(arch: str, width: float, batch_norm: bool, fc_units: Optional[int], num_classes: int,
-               input_shape: Tuple[int, int, int]) -> int:
-    """Forward multiply-accumulates per image (conventions as in `layer_summary`); FLOPs ~ 2 x MACs."""
-    units = default_fc_units(width) if fc_units is None else int(fc_units)
-    rows = _spec_rows(scaled_spec(arch, width), batch_norm, units, num_classes, input_shape)
-    return sum(r.macs for r in rows)
-
-
-def format_summary(rows: Sequence[LayerRow]) -> str:
-    """Plain-text table of summary rows (for the CLI to print)."""
-    lines = [f"{'layer':<26} {'kind':<8} {'output shape':<22} {'params':>12} {'MACs':>15}"]
-    for r in rows:
-        shape = "(" + ", ".join(str(v) for v in r.output_shape) + ")"
-        lines.append(f"{r.name:<26} {r.kind:<8} {shape:<22} {r.params:>12,} {r.macs:>15,}")
-    lines.append(f"{'total':<26} {'':<8} {'':<22} {sum(r.params for r in rows):>12,} "
-                 f"{sum(r.macs for r in rows):>15,}")
-    return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""The learning-rate schedule: linear warmup, then constant / step / cosine, per iteration.
+"""The optimizer of a run: its parameters, the learning-rate schedule (linear warmup, then
+constant / step / cosine / linear, per iteration) and the Trainer, the same for one device, several
+devices and the workers of a parameter server.
 
 gluoncv's `LRScheduler` and `LRSequential` compute the shapes; `PhaseScheduler` only makes a phase
 of a single iteration (or less) well defined, where gluoncv divides by zero (`cos(pi * T / N)`
@@ -7,11 +9,14 @@ phase. Every other value is gluoncv's, to the last bit.
 """
 from __future__ import annotations
 
+from typing import Any, Dict
+
 from vgg_gluon.config import RunConfig
 from vgg_gluon.runtime import import_mxnet
 
 import_mxnet()  # thread settings first: gluoncv imports mxnet
 from gluoncv.utils import LRScheduler, LRSequential  # noqa: E402
+from mxnet import gluon  # noqa: E402
 
 
 class PhaseScheduler(LRScheduler):
@@ -26,16 +31,60 @@ class PhaseScheduler(LRScheduler):
 
 def make_lr_scheduler(cfg: RunConfig, iters_per_epoch: int) -> LRSequential:
     """Per-iteration schedule of a run: linear warmup from 0 over `warmup_epochs`, then
-    constant / step / cosine (to 0) over the remaining epochs."""
+    constant / step / cosine / linear (to 0) over the remaining epochs; "linear" after a warmup is
+    the triangular (one-cycle) schedule of the fast-training recipes. The peak is
+    `cfg.effective_lr()` (lr scaled to the batch size when lr_base_batch is set)."""
     warm = cfg.warmup_epochs
+    lr = cfg.effective_lr()
     parts = []
     if warm > 0:
-        parts.append(PhaseScheduler("linear", base_lr=0.0, target_lr=cfg.lr, nepochs=warm,
+        parts.append(PhaseScheduler("linear", base_lr=0.0, target_lr=lr, nepochs=warm,
                                     iters_per_epoch=iters_per_epoch))
     kwargs = {}
     if cfg.lr_schedule == "step":
         kwargs = dict(step_epoch=[s - warm for s in cfg.lr_steps if s > warm] or [cfg.epochs * 10],
                       step_factor=cfg.lr_factor)
-    parts.append(PhaseScheduler(cfg.lr_schedule, base_lr=cfg.lr, target_lr=0.0, nepochs=cfg.epochs - warm,
+    parts.append(PhaseScheduler(cfg.lr_schedule, base_lr=lr, target_lr=0.0, nepochs=cfg.epochs - warm,
                                 iters_per_epoch=iters_per_epoch, **kwargs))
     return LRSequential(parts)
+
+
+def set_param_multipliers(net, cfg: RunConfig) -> None:
+    """BatchNorm shifts/scales and biases: LR x bias_lr_mult, and no weight decay with no_wd_bias
+    (airbench94's separate BN-bias group; gluoncv's --no-wd). Set on the Parameters, which every
+    optimizer (local, devices, dist servers) reads."""
+    for name, p in net.collect_params().items():
+        if name.endswith(("_bias", "_beta", "_gamma")):
+            p.lr_mult = cfg.bias_lr_mult
+            if cfg.no_wd_bias:
+                p.wd_mult = 0.0
+
+
+def optimizer_params(cfg: RunConfig, iters_per_epoch: int, schedule=None) -> Dict[str, Any]:
+    """What gluon.Trainer's optimizer gets: weight decay, the schedule, momentum for sgd/nag and,
+    for float16 weights, float32 master weights (multi_precision)."""
+    params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": schedule or make_lr_scheduler(cfg, iters_per_epoch)}
+    if cfg.optimizer in ("sgd", "nag"):
+        params["momentum"] = cfg.momentum
+    if cfg.dtype == "float16":
+        params["multi_precision"] = True  # float32 master weights and updates
+    return params
+
+
+def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, *, schedule=None, trainer_cls=None,
+                 **trainer_kwargs):
+    """The run's Trainer (gluon.Trainer, or a subclass such as distributed.DistTrainer), with AMP's
+    dynamic loss scaling when the run uses AMP. Call it after the parameters are initialized on
+    every context."""
+    trainer_kwargs.setdefault("kvstore", cfg.kvstore)
+    trainer = (trainer_cls or gluon.Trainer)(net.collect_params(), cfg.optimizer,
+                                             optimizer_params(cfg, iters_per_epoch, schedule), **trainer_kwargs)
+    if cfg.amp:
+        from mxnet.contrib import amp
+        amp.init_trainer(trainer)  # dynamic loss scaling; skips steps whose gradients overflow
+    return trainer
+
+
+def install_schedule(trainer, cfg: RunConfig, iters_per_epoch: int) -> None:
+    """Put the settings' schedule into a trainer whose optimizer state was loaded (at its update count)."""
+    trainer._optimizer.lr_scheduler = make_lr_scheduler(cfg, iters_per_epoch)

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from vgg_gluon import report
-from vgg_gluon.checkpoint import TMP_PREFIX, atomic_write_text, list_checkpoints
+from vgg_gluon.checkpoint import MARKER, list_checkpoints
+from vgg_gluon.fsutil import TMP_PREFIX, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 #: Without a usable marker, a run whose files changed this recently counts as running.
 RUNNING_WINDOW_S = 600
-#: Written by training while it runs (pid and host), removed when it ends in any way but a kill.
-MARKER = ".running.json"
+# MARKER (RUN/.running.json): written by training while it runs (pid and host), removed when it ends
+# in any way but a kill.
 
 
 class RunMarker:

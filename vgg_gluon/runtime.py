@@ -11,10 +11,12 @@ from typing import List, Optional
 
 import numpy as np
 
+from vgg_gluon.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class RuntimeSetupError(Exception):
+class RuntimeSetupError(UserError):
     """A one-line, user-facing problem with MXNet or the requested devices."""
 
 

@@ -12,10 +12,12 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
+from vgg_gluon.errors import UserError
+
 EPOCH_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "img_per_s")
 
 
-class TensorBoardError(Exception):
+class TensorBoardError(UserError):
     """One user-facing line (tensorboardX missing, folder not writable)."""
 
 

@@ -33,4 +33,6 @@ class HintingCommand(click.Command):
             raise
 
 
-SuggestingGroup.command_class = HintingCommand
+def command(*args, **kwargs):
+    """click.command for vgg-gluon's commands (HintingCommand)."""
+    return click.command(*args, cls=HintingCommand, **kwargs)

@@ -1,32 +1,19 @@
-"""CLI commands that look at networks and runs: summary, predict, export, report, runs.
-
-Registered on `vgg_gluon.cli.main` when that module is imported (see the end of cli.py); the work
-is done in `inspection`, `report` and `runs`.
-"""
+"""The commands that look at networks and runs: summary, predict, export, report, runs (the work is
+done in `inspection`, `report` and `runs`)."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from vgg_gluon.cli import _choice, _flag_settings, friendly_errors, main, resolve_config
-from vgg_gluon.config import ARCHS, DATASETS, RunConfig
-
-
-def _inspect_errors(fn):
-    """friendly_errors plus this module's own one-line errors."""
-    @friendly_errors
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from vgg_gluon.inspection import InspectError
-        try:
-            return fn(*args, **kwargs)
-        except InspectError as exc:
-            raise click.ClickException(str(exc)) from None
-    return wrapper
+from vgg_gluon.cli.common import friendly_errors
+from vgg_gluon.cli.group import command
+from vgg_gluon.cli.options import choice as _choice
+from vgg_gluon.cli.options import flag_settings as _flag_settings
+from vgg_gluon.cli.options import resolve_config, setting_option
+from vgg_gluon.config import RunConfig
 
 
 def _run_arg(required: bool = True):
@@ -40,21 +27,21 @@ _which = click.option("--which", type=_choice(["best", "last"]), default="best",
 
 
 # ------------------------------------------------------------------------------------------------
-@main.command()
+@command()
 @_run_arg(required=False)
 @click.option("-c", "--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="Recipe YAML (experiments/*.yaml); flags override it.")
-@click.option("--dataset", type=_choice(DATASETS), help="Sets channels (1 or 3); default fashion-mnist.")
-@click.option("--arch", type=_choice(ARCHS), help="VGG configuration (default vgg11).")
-@click.option("--width", type=float, help="Channel width multiplier (default 0.25).")
-@click.option("--batch-norm/--no-batch-norm", default=None, help="BatchNorm after every convolution (default on).")
-@click.option("--fc-units", type=int, help="Units of the two hidden dense layers (default 4096 x width).")
-@click.option("--image-size", type=click.IntRange(min=32), help="Input side in pixels (default 32, the native size).")
+@setting_option("dataset", help="Sets channels (1 or 3); default fashion-mnist.")
+@setting_option("arch")
+@setting_option("width")
+@setting_option("batch_norm")
+@setting_option("fc_units")
+@setting_option("image_size")
 @click.option("--channels", type=click.IntRange(min=1), help="Input channels (overrides --dataset).")
 @click.option("--classes", "num_classes", type=click.IntRange(min=1), default=None, help="Output classes (default 10).")
 @click.option("--layers", is_flag=True, help="One row per layer (conv, bn, relu, pool, ...) instead of per block.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_inspect_errors
+@friendly_errors
 def summary(run, config_path, channels, num_classes, layers, as_json, **kwargs):
     """Output shape, parameters and multiply-adds of every block (or layer) of a network, plus totals.
 
@@ -91,7 +78,7 @@ def summary(run, config_path, channels, num_classes, layers, as_json, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------
-@main.command()
+@command()
 @_run_arg()
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("-k", "--top-k", type=click.IntRange(min=1), default=3, show_default=True,
@@ -99,7 +86,7 @@ def summary(run, config_path, channels, num_classes, layers, as_json, **kwargs):
 @_which
 @_ctx
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (errors are listed in it too).")
-@_inspect_errors
+@friendly_errors
 def predict(run, images, top_k, which, ctx, as_json):
     """Classify image files (PNG/JPEG, any size or mode) or folders of them with a trained run.
 
@@ -134,13 +121,13 @@ def predict(run, images, top_k, which, ctx, as_json):
 
 
 # ------------------------------------------------------------------------------------------------
-@main.command()
+@command()
 @_run_arg()
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @_which
 @_ctx
 @click.option("--force", is_flag=True, help="Replace an export already in OUT_DIR.")
-@_inspect_errors
+@friendly_errors
 def export(run, out_dir, which, ctx, force):
     """Write the run's network for serving without vgg-gluon: symbol JSON + params
     (HybridBlock.export), preprocessing.json (mean, std, size, channels, padding, class names)
@@ -170,13 +157,13 @@ def export(run, out_dir, which, ctx, force):
 
 
 # ------------------------------------------------------------------------------------------------
-@main.command()
+@command()
 @_run_arg()
 @_which
 @click.option("--data-dir", type=click.Path(file_okay=False), help="Where the data set is (default as in training).")
 @click.option("--test-limit", type=click.IntRange(min=1), help="Use only the first N test images.")
 @_ctx
-@_inspect_errors
+@friendly_errors
 def report(run, which, data_dir, test_limit, ctx):
     """Write curves.png, confusion.png, mistakes.png and report.md (with the per-class table) into
     the run folder. Training writes them at the end of a finished run too.
@@ -193,11 +180,11 @@ def report(run, which, data_dir, test_limit, ctx):
 
 
 # ------------------------------------------------------------------------------------------------
-@main.command()
+@command()
 @click.option("--dir", "parent", type=click.Path(file_okay=False), default=None,
               help=f"Folder holding the run folders (default {RunConfig.output_dir}).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-@_inspect_errors
+@friendly_errors
 def runs(parent, as_json):
     """List run folders, newest first: data set, architecture, epochs done/planned, best and last
     test accuracy, last update and state (finished, stopped, running, crashed).

@@ -1,0 +1,50 @@
+"""Time one hybridized training step of a spec row on synthetic data (issue 10's sizing tool).
+
+    benchmarks/step_time.py ARCH WIDTH ACTIVATION BATCH CHANNELS [SIDE]
+    e.g. .venv/bin/python benchmarks/step_time.py fast3 0.5 relu 256 3
+
+Fast-training layer options (BN without scale, momentum 0.4, identity init), Nesterov; 3 warm-up
+steps, then the mean of 10. Prints ms/step, img/s and the load average (the machine is shared).
+"""
+import sys
+import time
+
+from vgg_gluon import models as M  # thread settings before mxnet (vgg_gluon.runtime)
+
+mx = M.mx
+autograd, gluon = mx.autograd, mx.gluon
+
+
+def main(argv):
+    arch, width, act, bs, ch = argv[0], float(argv[1]), argv[2], int(argv[3]), int(argv[4])
+    side = int(argv[5]) if len(argv) > 5 else 32
+    opts = M.LayerOptions(activation=act, bn_scale=False, bn_momentum=0.4, dirac_init=arch in M.LAYOUTS)
+    net = M.build_vgg(arch, 10, width=width, batch_norm=True, opts=opts, in_channels=ch)
+    net.initialize(ctx=mx.cpu())
+    net.hybridize(static_alloc=True, static_shape=True)
+    x = mx.nd.random.normal(shape=(bs, ch, side, side))
+    y = mx.nd.random.randint(0, 10, shape=(bs,)).astype("float32")
+    net(x)
+    trainer = gluon.Trainer(net.collect_params(), "nag", {"learning_rate": 0.01, "momentum": 0.9})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    def step():
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(bs)
+    for _ in range(3):
+        step()
+    mx.nd.waitall()
+    t, n = time.time(), 10
+    for _ in range(n):
+        step()
+    mx.nd.waitall()
+    dt = (time.time() - t) / n
+    load = " ".join(open("/proc/loadavg").read().split()[:3])
+    print(f"{arch} x{width} {act} batch {bs} {ch} ch {side} px: {dt * 1000:.0f} ms/step {bs / dt:.0f} img/s "
+          f"(load {load})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
