@@ -1,6 +1,6 @@
 # vgg-gluon: every target installs what it needs (venv, pinned packages, data) on a fresh clone.
-#   make train                       Fashion-MNIST, VGG-11 at 1/4 width (experiments/fashion_mnist.yaml)
-#   make train DATASET=cifar10       experiments/cifar10.yaml
+#   make train                       Fashion-MNIST, fast3 at half width, airbench94 techniques (experiments/fashion_mnist.yaml)
+#   make train DATASET=cifar10       the same techniques on CIFAR-10 (experiments/cifar10.yaml)
 #   make resume RUN=checkpoints/<run> [EPOCHS=N]
 #   make evaluate RUN=checkpoints/<run> [WHICH=best|last]
 #   make test                        fast tests; CI=true (or SLOW=1) adds the slow end-to-end runs
@@ -86,7 +86,8 @@ lint: venv
 	$(BIN)/ruff check vgg_gluon tests benchmarks
 
 # Throughput vs PyTorch (benchmarks/README.md); BENCH=tta|memory|syncs|threads|levers|onednn|peak for the others.
-bench: data-fashion-mnist
+# BENCH=tta is time to accuracy: ARGS="--config experiments/cifar10.yaml --seeds 0,1,2" (benchmarks/tta.py).
+bench: venv $(if $(filter tta,$(BENCH)),data,data-fashion-mnist)
 	$(MAKE) -C benchmarks $(or $(BENCH),throughput) PYTHON=$(PYTHON) ARGS='$(ARGS)'
 
 clean:

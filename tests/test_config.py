@@ -16,11 +16,52 @@ def test_precedence_defaults_recipe_yaml_flags(tmp_path):
     assert cfg.dataset == "cifar10"
     assert cfg.lr == 0.2                # from YAML
     assert cfg.epochs == 3              # flag beats YAML
-    assert cfg.augment_crop == 4 and cfg.augment_flip  # cifar10 recipe default
-    assert cfg.width == RunConfig().width             # plain default
+    assert cfg.augment_crop == 2 and cfg.alternate_flip and cfg.arch == "fast3"  # cifar10 recipe default
+    assert cfg.dropout == RunConfig().dropout         # plain default
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "d2l_vgg11_224"])
+@pytest.mark.parametrize("where", ["flag", "yaml"])
+def test_a_classic_row_on_cifar10_gets_the_classic_recipe(tmp_path, where):
+    """The cifar10 recipe is a fast row with a whitened patch stem; a classic row typed on the
+    command line or named in a recipe file gets experiments/cifar10_vgg11.yaml's settings, not a
+    refusal of a whitening setting the user never wrote."""
+    if where == "flag":
+        cfg = resolve_config(None, {"dataset": "cifar10", "arch": "vgg16"})
+    else:
+        y = tmp_path / "r.yaml"
+        y.write_text("dataset: cifar10\narch: vgg16\n")
+        cfg = resolve_config(str(y), {})
+    classic = resolve_config(str(REPO / "experiments" / "cifar10_vgg11.yaml"), {"arch": "vgg16"})
+    assert cfg.to_dict() == classic.to_dict()
+    assert cfg.arch == "vgg16" and not cfg.whiten and cfg.augment_crop == 4 and cfg.optimizer == "sgd"
+    fast = resolve_config(None, {"dataset": "cifar10", "arch": "fast3s"})
+    assert fast.whiten and fast.arch == "fast3s" and fast.lookahead   # another fast row keeps it
+
+
+def test_fast_rows_take_images_down_to_9_px():
+    RunConfig(arch="fast3", image_size=28).validate()
+    RunConfig(arch="fast3s", image_size=9).validate()
+    with pytest.raises(ConfigError, match="at least 32"):
+        RunConfig(arch="vgg11", image_size=28).validate()
+    with pytest.raises(ConfigError, match="at least 9"):
+        RunConfig(arch="fast3", image_size=8).validate()
+
+
+def test_idle_cores_count_steal_time_as_idle(monkeypatch):
+    """/proc/stat: user nice system idle iowait irq softirq steal. Steal is other guests on the
+    hypervisor, not a process our threads would fight: 2 CPUs, 100 user + 150 idle + 50 steal
+    ticks -> (150 + 50) / 300 x 2 = 1.33 idle cores (one thread would be chosen without it)."""
+    import io
+
+    from vgg_gluon import _env
+    readings = iter(["cpu  100 0 100 1000 0 0 0 0 0 0\n", "cpu  200 0 100 1150 0 0 0 50 0 0\n"])
+    monkeypatch.setattr(_env, "open", lambda *a, **k: io.StringIO(next(readings)), raising=False)
+    monkeypatch.setattr(_env.os, "cpu_count", lambda: 2)
+    assert _env.idle_cores(0.0) == pytest.approx(200 / 300 * 2)
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar10_vgg11", "fashion_mnist_vgg11",
+                                  "d2l_vgg11_224"])
 def test_shipped_experiments_are_valid(name):
     cfg = resolve_config(str(REPO / "experiments" / f"{name}.yaml"), {})
     assert cfg.dataset in ("fashion-mnist", "cifar10")
@@ -110,3 +151,11 @@ def test_gpu_error_messages_map_to_fixes():
     assert "driver" in explain_mxnet_error(OSError("libcuda.so.1: cannot open shared object file"))
     assert "smaller --batch-size" in explain_mxnet_error(RuntimeError("cudaMalloc retry failed: out of memory"))
     assert explain_mxnet_error(ValueError("something else")) is None
+
+
+def test_a_quick_trial_smaller_than_the_recipes_batch_takes_one_batch():
+    """`--train-limit 128` of a recipe with batch 512: one batch of the 128 images; a batch size the
+    user typed is kept (and refused later, with one line, if no full batch fits)."""
+    assert resolve_config(None, {"train_limit": 128}).batch_size == 128
+    assert resolve_config(None, {"train_limit": 128, "batch_size": 256}).batch_size == 256
+    assert resolve_config(None, {"train_limit": 5000}).batch_size == 512

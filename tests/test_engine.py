@@ -172,20 +172,27 @@ def test_lr_schedules_per_iteration():
 # over the warmup's W updates (lr * u / (W - 1)), then lr * (1 + cos(pi * T / (N - 1))) / 2 with
 # T = u - W over the N updates left, 0 from the last one on.
 RECIPE_LR = {
-    "fashion_mnist.yaml": (468, {1: 0.0004291845493562232, 117: 0.050214592274678116, 234: 0.1,
+    "fashion_mnist_vgg11.yaml": (468, {1: 0.0004291845493562232, 117: 0.050214592274678116, 234: 0.1,
                                  235: 0.09999997996114104, 1000: 0.08869574338341853,
                                  1872: 0.05520564691342547, 3000: 0.010660477601830238, 3744: 0.0}),
     "fashion_mnist_fast.yaml": (468, {1: 0.0007173601147776184, 140: 0.1, 141: 0.0999999442800646,
                                       700: 0.05887292940821706, 1404: 0.0}),
-    "cifar10.yaml": (390, {1: 0.0002570694087403599, 195: 0.050128534704370176, 390: 0.1,
+    "cifar10_vgg11.yaml": (390, {1: 0.0002570694087403599, 195: 0.050128534704370176, 390: 0.1,
                            391: 0.09999999172031998, 2000: 0.08003032969238222, 5850: 0.0}),
     "d2l_vgg11_224.yaml": (468, {1: 0.05, 1000: 0.05, 2340: 0.05}),
     "fashion_mnist_tta.yaml": (468, {1: 0.0004291845493562232, 117: 0.050214592274678116, 234: 0.1,
                                      235: 0.09999997996114104, 1000: 0.08869574338341853, 3744: 0.0}),
-    # batch 512: 97 steps; peak 1.5 x 512 / 1024 (lr_base_batch) = 0.75 after 1.8 epochs, then linear
-    # to 0: 0.75 * (1 - T / (N - 1))
-    "cifar10_fast3.yaml": (97, {1: 0.004320276497695853, 87: 0.3758640552995392, 174: 0.75,
-                                175: 0.7495003331112591, 400: 0.468437708194537, 776: 0.0}),
+    # batch 512: 97 steps; peak 1.5 x 512 / 1024 (lr_base_batch) = 0.75 after W = 3.2 x 97 = 310.4
+    # updates (0.75 u / 309.4), then linear to 0 over N = 10.8 x 97 = 1047.6: 0.75 (1 - T / (N - 1))
+    "cifar10_fast3.yaml": (97, {1: 0.0024240465416936, 100: 0.24240465416936002, 310: 0.75,
+                                311: 0.7495700363080451, 600: 0.5424708580164342, 1358: 0.0}),
+    # the default: warmup over W = 2.0 x 97 = 194 updates (0.75 u / 193), then N = 7 x 97 = 679 down
+    "cifar10.yaml": (97, {1: 0.0038860103626943004, 97: 0.37694300518134716, 193: 0.75, 194: 0.75,
+                          195: 0.7488938053097345, 400: 0.5221238938053098, 872: 0.0}),
+    # the default: 117 steps of 512; W = 1.4 x 117 = 163.8 (0.75 u / 162.8), N = 4.6 x 117 = 538.2,
+    # T = u - W
+    "fashion_mnist.yaml": (117, {1: 0.004606879606879608, 100: 0.46068796068796075, 163: 0.75,
+                                 164: 0.7497207743857036, 300: 0.5598473566641846, 701: 0.0}),
 }
 
 
@@ -205,8 +212,10 @@ def test_recipe_schedules_are_pinned(recipe):
 
 
 def test_extended_schedule_is_pinned():
-    """`resume --epochs 12` of the main recipe: the schedule for 12 epochs at the same update count."""
-    cfg = cli.resolve_config(str(Path(__file__).parents[1] / "experiments" / "fashion_mnist.yaml"), {"epochs": 12})
+    """`resume --epochs 12` of the classic Fashion-MNIST recipe: the schedule for 12 epochs at the
+    same update count."""
+    recipe = Path(__file__).parents[1] / "experiments" / "fashion_mnist_vgg11.yaml"
+    cfg = cli.resolve_config(str(recipe), {"epochs": 12})
     s = engine.make_lr_scheduler(cfg, iters_per_epoch=468)
     for update, lr in {3744: 0.026979846262024598, 3745: 0.02695393657267735, 4500: 0.010225215462052434,
                        5616: 0.0}.items():

@@ -165,9 +165,11 @@ def test_parameter_groups_and_batch_scaled_lr():
     net = engine.build_network(cfg, 10)
     engine.set_param_multipliers(net, cfg)
     params = net.collect_params()
-    biases = [p for n, p in params.items() if n.endswith(("_beta", "_bias", "_gamma"))]
+    norms = [p for n, p in params.items() if n.endswith(("_beta", "_gamma"))]
+    biases = [p for n, p in params.items() if n.endswith("_bias")]   # the stem's: base LR (airbench94)
     others = [p for n, p in params.items() if n.endswith("_weight")]
-    assert biases and all(p.lr_mult == 64 and p.wd_mult == 0 for p in biases)
+    assert norms and all(p.lr_mult == 64 and p.wd_mult == 0 for p in norms)
+    assert biases and all(p.lr_mult == 1 and p.wd_mult == 0 for p in biases)
     assert all(p.lr_mult == 1 and p.wd_mult == 1 for p in others)
     sched = engine.make_lr_scheduler(RunConfig(lr=1.0, epochs=4, warmup_epochs=1, lr_schedule="linear"), 10)
     lrs = [sched(t) for t in range(41)]  # triangular: up over 10 updates, down to 0 over 30

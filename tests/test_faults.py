@@ -577,7 +577,7 @@ def test_damaged_bare_params(how, base_run, cli_env, tmp_path):
     ("own", ["--arch", "vgg16"]),          # architecture given that the file does not hold
     ("own", ["--width", "0.25"]),          # width given that the file does not hold
     ("own", ["--no-batch-norm"]),
-    ("vgg13", []),                         # another architecture than the default vgg11
+    ("vgg13", ["--arch", "vgg11"]),        # another architecture than the one typed (without it: read)
     ("classes100", []),                    # 100 classes, the data set has 10
     ("wide", ["--width", "0.0625"]),
 ])

@@ -45,9 +45,10 @@ def test_summary_config_and_bad_size():
     assert r.exit_code == 0, r.output + r.stderr
     s = json.loads(r.output)
     assert s["rows"][0]["output_shape"] == [1, 16, 112, 112] and s["fc_units"] == 4096
-    r = _invoke("summary", "--image-size", "16")
-    assert r.exit_code == 2  # click's range check: one line, no traceback
-    assert "Traceback" not in r.output + r.stderr
+    for args in (["--arch", "vgg11", "--image-size", "16"], ["--image-size", "8"]):  # 32 px, 9 px (fast3)
+        r = _invoke("summary", *args)
+        assert r.exit_code == 2, args  # one line naming the option, no traceback
+        assert "Traceback" not in r.output + r.stderr and "--image-size" in r.stderr, r.stderr
 
 
 def test_misspelled_command_and_option_get_a_suggestion():

@@ -28,10 +28,36 @@ DTYPES = ("float32", "float16")
 # The data sets' default recipes: what a run of that data set changes from RunConfig's defaults,
 # whether it is started with bare flags (`vgg-gluon train --dataset cifar10`), the Makefile or
 # experiments/<dataset>.yaml (which spells the same values out; a test keeps them equal).
+#: airbench94's techniques (Jordan 2024, arXiv 2404.00498) for the fast rows (fast3, fast3s).
+FAST_TRAINING: Dict[str, Any] = {
+    "batch_norm": True, "activation": "relu", "bn_scale": False, "bn_momentum": 0.4, "whiten": True,
+    "batch_size": 512, "optimizer": "nag", "lr": 1.5, "lr_base_batch": 1024, "momentum": 0.85,
+    "wd": 0.00133, "bias_lr_mult": 64.0, "no_wd_bias": True, "lr_schedule": "linear",
+    "label_smoothing": 0.2, "lookahead": True, "lookahead_every": 5, "lookahead_decay": 0.95,
+    "lookahead_start": 0.3, "augment_crop": 2, "augment_flip": True, "alternate_flip": True,
+    "eval_tta": "flip-translate",
+}
 RECIPES: Dict[str, Dict[str, Any]] = {
+    "fashion-mnist": {"arch": "fast3", "width": 0.5, "image_size": 28, **FAST_TRAINING, "epochs": 6,
+                      "warmup_epochs": 1.4},
+    "cifar10": {"arch": "fast3", "width": 0.5, **FAST_TRAINING, "epochs": 9, "warmup_epochs": 2.0},
+}
+#: What a classic row (vgg11..vgg19) gets on each data set when the data set's recipe is a fast row:
+#: the fast-training settings need the patch stem and were sized for it.
+CLASSIC_RECIPES: Dict[str, Dict[str, Any]] = {
     "fashion-mnist": {"epochs": 8, "lr": 0.1, "warmup_epochs": 0.5},
     "cifar10": {"epochs": 15, "lr": 0.1, "warmup_epochs": 1.0, "augment_crop": 4, "augment_flip": True},
 }
+CLASSIC_ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
+
+
+def recipe_for(dataset: str, arch: Optional[str]) -> Dict[str, Any]:
+    """The data set's recipe, or its classic one when `arch` (typed, or from a file) is a classic
+    row and the recipe's own network is not."""
+    recipe = RECIPES.get(dataset, {})
+    if arch in CLASSIC_ARCHS and recipe.get("arch", "vgg11") not in CLASSIC_ARCHS:
+        return CLASSIC_RECIPES[dataset]
+    return recipe
 
 
 class ConfigError(UserError, ValueError):
@@ -115,7 +141,8 @@ class RunConfig:
     lr: float = setting(0.05, "Peak learning rate.", group="optim")
     lr_base_batch: Optional[int] = setting(None, "--lr is per N images: the LR used is lr x batch-size / N "
                                            "(default: --lr as is).", group="optim", kind=int)
-    bias_lr_mult: float = setting(1.0, "LR multiplier of BatchNorm and bias parameters.", group="optim")
+    bias_lr_mult: float = setting(1.0, "LR multiplier of the BatchNorm shifts and scales (airbench94: 64).",
+                                  group="optim")
     no_wd_bias: bool = setting(False, "No weight decay on BatchNorm and bias parameters.", group="optim",
                                option="--no-wd-bias")
     momentum: float = setting(0.9, "Momentum for sgd/nag.", group="optim")
@@ -218,7 +245,7 @@ class RunConfig:
         if self.alternate_flip and not self.augment_flip:
             raise SettingError("alternate_flip", "changes how images are flipped: use it with augment_flip",
                                ("augment_flip",))
-        if self.whiten and self.arch in ("vgg11", "vgg13", "vgg16", "vgg19"):
+        if self.whiten and self.arch in CLASSIC_ARCHS:
             raise SettingError("whiten", f"initializes a patch stem, which {self.arch} has not: use arch fast3 "
                                "or fast3s", ("arch",))
         for name in ("bn_momentum", "lookahead_decay", "lookahead_start"):
@@ -236,8 +263,12 @@ class RunConfig:
         for name in ("fc_units", "train_limit", "test_limit"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
-        if self.image_size is not None and self.image_size < 32:
-            raise SettingError("image_size", f"must be at least 32 (five 2x2 poolings), got {self.image_size}")
+        # models.VGG.min_image_size: 2 ** pools (+ stem - 1): 32 for the classic rows, 9 for fast3(s).
+        smallest, why = ((32, "five 2x2 poolings") if self.arch in CLASSIC_ARCHS
+                         else (9, "a 2x2 stem, three 2x2 poolings"))
+        if self.image_size is not None and self.image_size < smallest:
+            raise SettingError("image_size", f"must be at least {smallest} ({why}) for {self.arch}, "
+                               f"got {self.image_size}", ("arch",))
         for name in ("dropout", "val_split", "label_smoothing"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")

@@ -50,14 +50,16 @@ def make_lr_scheduler(cfg: RunConfig, iters_per_epoch: int) -> LRSequential:
 
 
 def set_param_multipliers(net, cfg: RunConfig) -> None:
-    """BatchNorm shifts/scales and biases: LR x bias_lr_mult, and no weight decay with no_wd_bias
-    (airbench94's separate BN-bias group; gluoncv's --no-wd). Set on the Parameters, which every
-    optimizer (local, devices, dist servers) reads."""
+    """BatchNorm shifts/scales: LR x bias_lr_mult (airbench94's `bias_scaler`, which scales the
+    BatchNorm biases only: other biases, such as the whitened stem's, keep the base LR; 64x there
+    made the stem's bias swing). With no_wd_bias, BatchNorm parameters and every bias get no weight
+    decay (gluoncv's --no-wd). Set on the Parameters, which every optimizer (local, devices, dist
+    servers) reads."""
     for name, p in net.collect_params().items():
-        if name.endswith(("_bias", "_beta", "_gamma")):
+        if name.endswith(("_beta", "_gamma")):
             p.lr_mult = cfg.bias_lr_mult
-            if cfg.no_wd_bias:
-                p.wd_mult = 0.0
+        if cfg.no_wd_bias and name.endswith(("_bias", "_beta", "_gamma")):
+            p.wd_mult = 0.0
 
 
 def optimizer_params(cfg: RunConfig, iters_per_epoch: int, schedule=None) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import click
 
-from vgg_gluon.config import RECIPES, ConfigError, RunConfig, SettingError, load_yaml
+from vgg_gluon.config import RECIPES, ConfigError, RunConfig, SettingError, load_yaml, recipe_for
 from vgg_gluon.errors import EXIT_USAGE
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -141,16 +141,25 @@ def apply_flags(cfg: RunConfig, flags: Dict[str, Any], earlier: str = "the recip
 
 
 def resolve_config(config_path: Optional[str], flags: Dict[str, Any]) -> RunConfig:
-    """defaults < the data set's recipe (config.RECIPES) < --config YAML < flags."""
+    """defaults < the data set's recipe (config.RECIPES; config.CLASSIC_RECIPES for a classic row
+    when the recipe's network is a fast one) < --config YAML < flags."""
     yaml_values = load_yaml(Path(config_path)) if config_path else {}
     dataset = str(flags.get("dataset") or yaml_values.get("dataset") or RunConfig.dataset).lower()
+    arch = flags.get("arch") or yaml_values.get("arch")
     cfg = RunConfig()
-    if dataset in RECIPES:
-        cfg.update(RECIPES[dataset], "recipe")
+    recipe = recipe_for(dataset, str(arch).lower() if arch else None)
+    if recipe:
+        cfg.update(recipe, "recipe")
     cfg.update(yaml_values, config_path or "config")
     if "epochs" in flags and "warmup_epochs" not in flags and flags["epochs"] > 0 \
             and cfg.warmup_epochs >= flags["epochs"]:
         # A quick trial (`--epochs 1`) of a recipe with a longer warmup keeps the warmup's share of
         # the run rather than refusing a setting the user never typed.
         cfg.warmup_epochs = cfg.warmup_epochs * flags["epochs"] / cfg.epochs
-    return apply_flags(cfg, flags, earlier=config_path or f"the {dataset} recipe")
+    cfg = apply_flags(cfg, flags, earlier=config_path or f"the {dataset} recipe")
+    if cfg.train_limit and cfg.train_limit < cfg.batch_size and "batch_size" not in flags:
+        # A quick trial (`--train-limit 128`) of a recipe with large batches: one batch of all the
+        # images, rather than refusing a batch size the user never typed (the LR follows the batch
+        # when the recipe has lr_base_batch).
+        cfg.batch_size = cfg.train_limit
+    return cfg

@@ -190,15 +190,24 @@ def _run_fit(session, run_dir: Path, console: Console, *, start_epoch: int, part
     sys.exit(EXIT_SIGTERM if stop.signum == signal.SIGTERM else EXIT_SIGINT)
 
 
+def _cpu_threads(ctx_list) -> str:
+    """' (2 threads)' for CPU runs: the OpenMP team size vgg_gluon._env chose from the idle cores."""
+    import os
+    if any(c.device_type == "cpu" for c in ctx_list):
+        n = os.environ.get("OMP_NUM_THREADS", "?")
+        return f" ({n} thread{'' if n == '1' else 's'})"
+    return ""
+
+
 def _announce(session, run_dir: Path, console: Console, start_epoch: int) -> None:
     """The run's first line (the data's folder is named: the user sees which copy trains), the
     graph for TensorBoard, the note on how 'best' is chosen, the JSON start event."""
     from vgg_gluon.runtime import ctx_string
     cfg, ds = session.cfg, session.dataset
     console.line(f"run {run_dir}: {cfg.dataset} from {ds.source} ({len(ds.train.labels)} train / "
-                 f"{len(ds.test.labels)} test), {cfg.arch} width {cfg.width:g}"
-                 f"{' +BN' if cfg.batch_norm else ''} fc {session.net.fc_units}, input {tuple(session.input_shape)}, "
-                 f"ctx {ctx_string(session.ctx_list)}, epochs {start_epoch + 1}..{cfg.epochs}")
+                 f"{len(ds.test.labels)} test), {session.net.describe()}, input {tuple(session.input_shape)}, "
+                 f"ctx {ctx_string(session.ctx_list)}{_cpu_threads(session.ctx_list)}, "
+                 f"epochs {start_epoch + 1}..{cfg.epochs}")
     if console.tb is not None:
         console.tb.graph(session.net, session.input_shape)
     if session.val_loader is None:
@@ -221,13 +230,15 @@ def _finish(session, run_dir: Path, console: Console, result, outcome) -> None:
 
 
 def _infer_from_params(params_path, flags: Dict[str, Any], say: bool = False) -> Dict[str, Any]:
-    """Fill width / BatchNorm / FC units the user did not give from the file's tensor shapes; with
+    """Fill arch / width / BatchNorm / FC units the user did not give from the file's tensor shapes; with
     `say`, one line on stderr names what was read from the file."""
     from vgg_gluon.foreign import infer_architecture
     inferred = infer_architecture(Path(params_path))
-    used = {k: v for k, v in inferred.items() if k in ("width", "batch_norm", "fc_units") and k not in flags}
+    # The arch too: the data sets' recipes are fast rows, and a file of another script is a classic one.
+    used = {k: inferred[k] for k in ("arch", "width", "batch_norm", "fc_units") if k in inferred and k not in flags}
     if say and used:
-        words = {"width": lambda v: f"width {v:g}", "batch_norm": lambda v: "BatchNorm" if v else "no BatchNorm",
+        words = {"arch": str, "width": lambda v: f"width {v:g}",
+                 "batch_norm": lambda v: "BatchNorm" if v else "no BatchNorm",
                  "fc_units": lambda v: f"fc {v}"}
         click.echo(f"{params_path}: inferred " + ", ".join(words[k](v) for k, v in used.items())
                    + " from the file's shapes", err=True)
