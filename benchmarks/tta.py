@@ -6,7 +6,7 @@ evaluation printed (its `tta` column says whether test-time augmentation was use
 
     # train and tabulate (defaults: the data set's targets, seed 0)
     python benchmarks/tta.py --config experiments/cifar10_fast3.yaml --seeds 0,1,2
-    # no arguments: experiments/fashion_mnist_fast.yaml, seed 0 (about 2 minutes)
+    # no arguments: experiments/fashion_mnist.yaml (`make train`'s recipe), seed 0 (3-5 minutes)
     # tabulate runs that already finished (their history.csv), no training
     python benchmarks/tta.py --runs checkpoints/run-a checkpoints/run-b
     # the tutorials' reference row: time one short epoch at 224 px, extrapolate
@@ -134,7 +134,7 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="more flags for `vgg-gluon train` (after --)")
     args = ap.parse_args()
     if not (args.config or args.runs or args.reference):
-        args.config = ["experiments/fashion_mnist_fast.yaml"]   # the quick one (about 2 minutes)
+        args.config = ["experiments/fashion_mnist.yaml"]   # `make train`'s recipe (3-5 minutes)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"date {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; load average {os.getloadavg()}", flush=True)
