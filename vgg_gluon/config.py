@@ -114,7 +114,9 @@ class RunConfig:
     train_limit: Optional[int] = setting(None, "Use only the first N training images.", group="data", kind=int)
     test_limit: Optional[int] = setting(None, "Use only the first N test images.", group="data", kind=int)
     # model
-    arch: str = setting("vgg11", "VGG configuration (A, B, D, E of Simonyan & Zisserman).", group="model",
+    arch: str = setting("vgg11", "VGG configuration: vgg11..vgg19 (A, B, D, E of Simonyan & Zisserman; they "
+                        "get the data set's classic recipe, experiments/*_vgg11.yaml) or fast3/fast3s "
+                        "(airbench94's 3-block rows).", group="model",
                         choices=ARCHS)
     width: float = setting(0.25, "Channel width multiplier (0.25 = the tutorials' ratio 4).", group="model")
     batch_norm: bool = setting(True, "BatchNorm after every convolution.", group="model")

@@ -78,7 +78,7 @@ def group_options(group: str, *, skip=()):
 
 augment_flag = click.option("--augment/--no-augment", default=None,
                             help="Random crop (4 px padding) and horizontal flip for training (the same as "
-                                 "--augment-crop 4 --augment-flip; cifar10 recipe: on).")
+                                 "--augment-crop 4 --augment-flip; the classic cifar10 recipe: on).")
 data_options = combine(group_options("data"), augment_flag, group_options("augment"))
 model_options = group_options("model")
 optim_options = group_options("optim")
