@@ -61,7 +61,7 @@ def test_idle_cores_count_steal_time_as_idle(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar10_vgg11", "fashion_mnist_vgg11",
-                                  "d2l_vgg11_224"])
+                                  "fashion_mnist_fast3", "cifar10_fast3", "d2l_vgg11_224"])
 def test_shipped_experiments_are_valid(name):
     cfg = resolve_config(str(REPO / "experiments" / f"{name}.yaml"), {})
     assert cfg.dataset in ("fashion-mnist", "cifar10")

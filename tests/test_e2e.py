@@ -8,7 +8,10 @@ from conftest import FASHION_SYSTEM, REPO, run_cli, tiny_args
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--width", "0.125", "--train-limit", "1024", "--test-limit", "512", "--batch-size", "64", "--quiet"]
+# The classic row (its recipe: experiments/*_vgg11.yaml): the plumbing these runs test was written
+# for it; test_default_recipe_on_the_real_data runs the data sets' own (fast3) recipes.
+SMALL = ["--arch", "vgg11", "--width", "0.125", "--train-limit", "1024", "--test-limit", "512", "--batch-size", "64",
+         "--quiet"]
 
 
 def _data_dir() -> Path:
@@ -57,6 +60,29 @@ def test_cifar10_train_resume_evaluate(tmp_path):
     cfg = (tmp_path / "run" / "config.yaml").read_text()
     assert "augment_crop: 4" in cfg and "augment_flip: true" in cfg
     assert out["accuracy"] > 0.2   # chance is 0.1; 512 test images: 0.2 is 10 standard errors above it
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "cifar10"])
+def test_default_recipe_on_the_real_data(tmp_path, dataset):
+    """The data set's default recipe as `make train` runs it (fast3 at half width, whitening,
+    lookahead, alternating flip, flip-translate TTA), shortened to 2 epochs of 4,096 images: it
+    learns, resumes, and every figure says it used TTA."""
+    d = _data_dir()
+    if dataset == "cifar10" and not ((d / "cifar10").exists() or (d / "cifar-10-batches-bin").exists()):
+        pytest.skip(f"CIFAR-10 not prepared in {d} (make data)")
+    if dataset == "fashion-mnist" and not _fashion_mnist_found():
+        pytest.skip("Fashion-MNIST is neither in the data folder nor installed (make data installs it)")
+    env = {"VGG_GLUON_DATA_DIR": str(d)}
+    run = tmp_path / "run"
+    run_cli("train", "--dataset", dataset, "--train-limit", 4096, "--test-limit", 512, "--epochs", 1, "--quiet",
+            "--output-dir", tmp_path, "--name", "run", env_extra=env)
+    run_cli("resume", run, "--epochs", 2, env_extra=env)
+    cfg = (run / "config.yaml").read_text()
+    assert "arch: fast3" in cfg and "whiten: true" in cfg and "lookahead: true" in cfg
+    out = json.loads(run_cli("evaluate", run, "--which", "last", "--json", env_extra=env).stdout)
+    assert out["epoch"] == 2 and out["tta"] == "flip-translate"
+    assert (run / "history.csv").read_text().splitlines()[-1].endswith("flip-translate")
+    assert out["accuracy"] > 0.3, out["accuracy"]   # chance is 0.1
 
 
 def test_signal_stops_cleanly_and_resumes(tmp_path, tiny_data_dir):
