@@ -132,8 +132,9 @@ class RunConfig:
     activation: str = setting("relu", "Activation of the convolutions (the dense head stays relu).", group="model",
                               choices=ACTIVATIONS)
     bn_scale: bool = setting(True, "BatchNorm learns a scale (off: only its shift, as airbench94).", group="model")
-    bn_momentum: float = setting(0.9, "BatchNorm running-average momentum, Gluon's convention (airbench94: "
-                                 "0.4, PyTorch's 0.6).", group="model")
+    bn_momentum: float = setting(0.9, "BatchNorm running-average momentum, Gluon's convention: running = "
+                                 "m x running + (1 - m) x batch (airbench94's 0.6 is Gluon's 0.6; the fast "
+                                 "recipes use 0.4, see benchmarks/README.md).", group="model")
     whiten: bool = setting(False, "Initialize the 2x2 patch stem (fast3, fast3s) from the training data's patch "
                            "covariance, frozen.", group="model")
     # optimization
