@@ -18,7 +18,6 @@ The exit status is 0 when every run finished; reaching a target is the table's b
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -27,6 +26,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from vgg_gluon.config import load_yaml
+from vgg_gluon.report import read_history
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"cifar10": (0.90, 0.92, 0.93, 0.94), "fashion-mnist": (0.92, 0.93, 0.94, 0.95)}
@@ -37,21 +39,14 @@ TUTORIAL_TEST_ACC = (0.877, 0.892, 0.908, 0.914, 0.913)
 
 def read_run(run: Path) -> Dict:
     """Per-epoch (cumulative training seconds, test accuracy) of a finished or stopped run."""
-    rows = list(csv.DictReader((run / "history.csv").open()))
-    cfg = {}
-    cfg_file = run / "config.yaml"
-    if cfg_file.exists():
-        for line in cfg_file.read_text().splitlines():
-            if ":" in line and not line.startswith(" "):
-                k, v = line.split(":", 1)
-                cfg[k.strip()] = v.strip()
+    cfg = load_yaml(run / "config.yaml") if (run / "config.yaml").exists() else {}
     cum, epochs = 0.0, []
-    for r in rows:
-        cum += float(r["seconds"])
-        epochs.append({"epoch": int(r["epoch"]), "train_s": cum, "test_acc": float(r["test_acc"]),
-                       "tta": r.get("tta") or "none", "img_per_s": float(r["img_per_s"])})
+    for r in read_history(run / "history.csv"):
+        cum += r["seconds"]
+        epochs.append({"epoch": r["epoch"], "train_s": cum, "test_acc": r["test_acc"],
+                       "tta": r.get("tta", "none"), "img_per_s": r["img_per_s"]})
     return {"run": str(run), "dataset": cfg.get("dataset", "?"), "seed": cfg.get("seed", "?"),
-            "epochs_planned": int(cfg.get("epochs", len(epochs)) or len(epochs)), "epochs": epochs}
+            "epochs_planned": int(cfg.get("epochs") or len(epochs)), "epochs": epochs}
 
 
 def time_to(epochs: List[Dict], target: float) -> Optional[float]:
@@ -105,7 +100,7 @@ def reference(python: str, out_dir: Path, images: int) -> str:
     print("$", " ".join(cmd), flush=True)
     if subprocess.call(cmd, cwd=ROOT):
         raise SystemExit("the reference run failed")
-    img_s = float(next(csv.DictReader((run / "history.csv").open()))["img_per_s"])
+    img_s = read_history(run / "history.csv")[0]["img_per_s"]
     epoch_s = 60000 / img_s
     cum = [epoch_s * (i + 1) for i in range(len(TUTORIAL_TEST_ACC))]
     cells = [fmt_min(next((c for c, a in zip(cum, TUTORIAL_TEST_ACC) if a >= t), None))

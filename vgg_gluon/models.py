@@ -20,6 +20,8 @@ import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
+from vgg_gluon import config
+
 log = logging.getLogger(__name__)
 
 Spec = Tuple[Tuple[int, int], ...]
@@ -59,8 +61,8 @@ LAYOUTS: Dict[str, Layout] = {
     "fast3s": Layout(pool="first", stem=2, head="linear", logit_scale=1 / 9),
 }
 
-#: The configurations of the paper (the tutorial .params mapping knows only these).
-CLASSIC_ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
+#: The configurations of the paper (the tutorial .params mapping knows only these): config's list.
+CLASSIC_ARCHS = config.CLASSIC_ARCHS
 ACTIVATIONS = ("relu", "gelu")
 
 
