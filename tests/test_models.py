@@ -257,3 +257,37 @@ def test_fast_row_layout(channels):
     assert w[0, 0, 1, 1] == 1 and w[0, 1, 1, 1] == 0 and w[0, 0, 0, 0] == 0
     with pytest.raises(ValueError, match="too small"):
         net(_input((1, channels, 8, 8)))
+
+
+def test_relayout_batchnorm_is_the_same_layer(monkeypatch):
+    """On AVX-512 the BN after the 24-channel stem goes through the plain layout (a speed fix,
+    models._RelayoutBatchNorm): same parameter names, same outputs and gradients as nn.BatchNorm."""
+    opts = M.LayerOptions(bn_scale=False, bn_momentum=0.6, dirac_init=True)
+    nets = {}
+    for avx512 in (False, True):
+        monkeypatch.setattr(M._env, "onednn_uses_avx512", lambda v=avx512: v)
+        net = M.build_vgg("fast3", 10, width=0.25, batch_norm=True, in_channels=3, opts=opts)
+        M.initialize(net, [CTX], seed=0, input_shape=(3, 32, 32))
+        net.hybridize(static_alloc=True)
+        nets[avx512] = net
+    plain, relaid = nets[False], nets[True]
+    assert isinstance(relaid.features[1][2], M._RelayoutBatchNorm)
+    assert not isinstance(plain.features[1][2], M._RelayoutBatchNorm)
+    assert not isinstance(relaid.features[2][2], M._RelayoutBatchNorm)  # 64 inputs: not needed
+    assert list(plain._collect_params_with_prefix()) == list(relaid._collect_params_with_prefix())
+    assert ([n[len(plain.prefix):] for n in plain.collect_params()]
+            == [n[len(relaid.prefix):] for n in relaid.collect_params()])
+    for p, q in zip(plain.collect_params().values(), relaid.collect_params().values()):
+        q.set_data(p.data())
+    x = _input((8, 3, 32, 32))
+    grads = []
+    for net in (plain, relaid):
+        with autograd.record():
+            out = net(x)
+        out.backward()
+        grads.append((out.asnumpy(), [p.grad().asnumpy() for p in net.collect_params().values()
+                                      if p.grad_req != "null"]))
+    np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()))
+    assert not M.needs_relayout(3) and not M.needs_relayout(None)

@@ -52,6 +52,22 @@ def default_threads() -> int:
     return max(1, min(cores, int(idle + 0.25)))
 
 
+def onednn_uses_avx512() -> bool:
+    """True when oneDNN will pick AVX-512 kernels here: the CPU has avx512f and no
+    DNNL_MAX_CPU_ISA / MKLDNN_MAX_CPU_ISA caps it below AVX-512 (Linux; False when unknown)."""
+    cap = (os.environ.get("DNNL_MAX_CPU_ISA") or os.environ.get("MKLDNN_MAX_CPU_ISA") or "ALL").upper()
+    if cap != "ALL" and "AVX512" not in cap:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "avx512f" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def configure() -> None:
     """Fill in MXNet/OpenMP defaults; the user's own environment variables are left untouched."""
     want = os.environ.get("VGG_GLUON_THREADS", "auto")

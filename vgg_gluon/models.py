@@ -20,7 +20,7 @@ import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from vgg_gluon import config
+from vgg_gluon import _env, config
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,31 @@ class LayerOptions:
     dirac_init: bool = False       # identity-initialized convs (set for the fast layouts)
 
 
+class _RelayoutBatchNorm(nn.BatchNorm):
+    """BatchNorm that first passes its input through `x * 1.0` (exact), which hands it to oneDNN
+    in the plain NCHW layout.
+
+    Why: on an AVX-512 CPU, a conv whose input channels are not a multiple of 16 (the whitened
+    stem's 24) runs an AVX2 kernel that writes 8-channel blocks, while the rest of the net uses
+    16-channel blocks. The BatchNorm after it then got its data in one blocking and its gradient in
+    the other, and oneDNN 2.x fell back to its reference kernel: 142 of 481 ms per step of the
+    CIFAR-10 default (fast3 x0.5, batch 512). Through the plain layout it runs a JIT kernel: 349 ms
+    per step (benchmarks/README.md). Same parameter names as nn.BatchNorm (same alias)."""
+
+    def _alias(self) -> str:
+        return "batchnorm"
+
+    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):  # noqa: N803
+        return super().hybrid_forward(F, x * 1.0, gamma, beta, running_mean, running_var)
+
+
+def needs_relayout(in_channels: Optional[int]) -> bool:
+    """Whether the BatchNorm after a conv with `in_channels` inputs needs `_RelayoutBatchNorm`:
+    AVX-512 oneDNN and an input count that is not a multiple of 16 (the first layer's 1 or 3
+    channels excepted: oneDNN has a dedicated kernel for those that writes 16-channel blocks)."""
+    return bool(in_channels) and in_channels > 4 and in_channels % 16 != 0 and _env.onednn_uses_avx512()
+
+
 def _activation(name: str) -> gluon.HybridBlock:
     if name == "gelu":
         return nn.GELU()
@@ -199,7 +224,7 @@ def _activation(name: str) -> gluon.HybridBlock:
 
 
 def _make_layer(kind: str, channels: int, batch_norm: bool,
-                opts: LayerOptions = LayerOptions()) -> gluon.HybridBlock:
+                opts: LayerOptions = LayerOptions(), relayout: bool = False) -> gluon.HybridBlock:
     if kind == "conv":
         # With BN right after, a conv bias is redundant: BN subtracts the batch mean (removing
         # any constant) and adds its own learned shift `beta`. Dropping it saves parameters and
@@ -207,9 +232,10 @@ def _make_layer(kind: str, channels: int, batch_norm: bool,
         return nn.Conv2D(channels, kernel_size=3, padding=1, use_bias=not batch_norm,
                          weight_initializer=_DiracUniform() if opts.dirac_init else _conv_init())
     if kind == "bn":
+        cls = _RelayoutBatchNorm if relayout else nn.BatchNorm
         if opts == LayerOptions():
-            return nn.BatchNorm()
-        return nn.BatchNorm(momentum=opts.bn_momentum, epsilon=opts.bn_eps, scale=opts.bn_scale)
+            return cls()
+        return cls(momentum=opts.bn_momentum, epsilon=opts.bn_eps, scale=opts.bn_scale)
     if kind == "relu":
         return _activation(opts.activation)
     if kind == "pool":
@@ -219,16 +245,18 @@ def _make_layer(kind: str, channels: int, batch_norm: bool,
 
 def vgg_block(num_convs: int, channels: int, *, batch_norm: bool = False,
               prefix: Optional[str] = None, pool: str = "end",
-              opts: LayerOptions = LayerOptions()) -> nn.HybridSequential:
+              opts: LayerOptions = LayerOptions(), in_channels: Optional[int] = None) -> nn.HybridSequential:
     """[3x3 conv (pad 1) (+ BN) + ReLU] x num_convs, then a 2x2/2 max-pool: halves H and W.
-    With pool="first", the pool follows the first conv (airbench's ConvGroup).
+    With pool="first", the pool follows the first conv (airbench's ConvGroup). `in_channels`
+    (when known) lets the first BN avoid a slow oneDNN path (`needs_relayout`).
 
     Children are named conv1, bn1, relu1, ..., pool (they become part of the parameter names).
     """
     block = nn.HybridSequential(prefix=prefix)
     with block.name_scope():
         for name, kind in _block_layer_names(num_convs, batch_norm, pool):
-            block.register_child(_make_layer(kind, channels, batch_norm, opts), name)
+            relayout = name == "bn1" and needs_relayout(in_channels)
+            block.register_child(_make_layer(kind, channels, batch_norm, opts, relayout), name)
     return block
 
 
@@ -290,9 +318,11 @@ class VGG(gluon.HybridBlock):
                                                       use_bias=True, weight_initializer=_conv_init()), "conv")
                         stem.register_child(_activation(opts.activation), "act")
                     self.features.register_child(stem, "stem")
+                cin = self.stem_channels or in_channels
                 for b, (num_convs, channels) in enumerate(self.spec, start=1):
                     block = vgg_block(num_convs, channels, batch_norm=self.batch_norm, prefix=f"block{b}_",
-                                      pool=lay.pool, opts=opts)
+                                      pool=lay.pool, opts=opts, in_channels=cin)
+                    cin = channels
                     self.features.register_child(block, f"block{b}")
 
             self.classifier = nn.HybridSequential(prefix="classifier_")
