@@ -597,7 +597,8 @@ def test_real_debian_fashion_mnist(tmp_path, no_network):
 # transform_batch
 
 
-def _np_reference(x: np.ndarray, mean, std, pad_to: Optional[int], crop_pad: int, offsets, flips):
+def _np_reference(x: np.ndarray, mean, std, pad_to: Optional[int], crop_pad: int, offsets, flips,
+                  pad_mode: str = "zero"):
     """Straightforward per-sample numpy version of transform_batch (without resize)."""
     y = x.astype(np.float32).transpose(0, 3, 1, 2)
     b, c, h, w = y.shape
@@ -609,7 +610,8 @@ def _np_reference(x: np.ndarray, mean, std, pad_to: Optional[int], crop_pad: int
     for i in range(b):
         img = y[i]
         if crop_pad:
-            p = np.pad(img, ((0, 0), (crop_pad, crop_pad), (crop_pad, crop_pad)))
+            p = np.pad(img, ((0, 0), (crop_pad, crop_pad), (crop_pad, crop_pad)),
+                       mode="reflect" if pad_mode == "reflect" else "constant")
             dy, dx = offsets[i]
             img = p[:, dy:dy + h, dx:dx + w]
         if flips is not None and flips[i]:
@@ -642,6 +644,20 @@ def test_transform_crop_offsets_and_flips_exact():
     np.testing.assert_array_equal(out.asnumpy(), ref)
     # Offset (4, 4) without flip is the identity of the padded image.
     np.testing.assert_array_equal(out.asnumpy()[5, 0, 2:30, 2:30], x[5, :, :, 0])
+
+
+def test_transform_reflect_padded_crop_exact():
+    """--augment-pad reflect (airbench94): the crop's border mirrors the image instead of black."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    offsets = np.array([[0, 0], [4, 4], [0, 4], [2, 1], [4, 0]])
+    flips = np.array([True, False, False, True, False])
+    out = D.transform_batch(mx.nd.array(x, dtype=np.uint8), mean=(0.0,) * 3, std=(1.0,) * 3, pad_to=None,
+                            image_size=None, crop_pad=2, crop_offsets=offsets, flips=flips, pad_mode="reflect")
+    np.testing.assert_array_equal(out.asnumpy(), _np_reference(x, (0.0,) * 3, (1.0,) * 3, None, 2, offsets, flips,
+                                                               pad_mode="reflect"))
+    # Offset (0, 0): the top-left pixel is the image's pixel (2, 2), reflected over both edges.
+    assert out.asnumpy()[0, :, 0, -1].tolist() == x[0, 2, 2, :].tolist()
 
 
 def test_transform_rgb_crop_flip_normalize():

@@ -44,7 +44,9 @@ def test_lookahead_whitening_recipe_interrupted_and_resumed_equals_uninterrupted
     # 32 px: the fast Fashion-MNIST recipe under FAST trains at 28 px, where the two runs differed by
     # up to 5e-4 in a BatchNorm running mean in one run of two (2026-12-02, machine loaded by a
     # training run); at 32 px, where this test was written, they agree.
-    gentle = [*FAST, "--lr", "0.05", "--image-size", "32"]
+    # The stem's bias freezes after epoch 1, so the resumed epoch 2 must freeze it again.
+    gentle = [*FAST, "--lr", "0.05", "--image-size", "32", "--stem-bias-epochs", "1", "--augment-pad", "reflect",
+              "--lr-start", "0.2", "--lr-end", "0.07"]
     r = _invoke("train", *gentle, "--epochs", 3, "--output-dir", tmp_path, "--name", "full")
     assert r.exit_code == 0, r.output
     log = (tmp_path / "full" / "train.log").read_text()
@@ -80,6 +82,13 @@ def test_lookahead_whitening_recipe_interrupted_and_resumed_equals_uninterrupted
     first = ck.list_checkpoints(tmp_path / "full")[0]
     assert c1.epoch == 3
     np.testing.assert_array_equal(_arrays(first.file(ck.PARAMS))[stem], full_params[stem])
+    # The stem's bias trained in epoch 1 only (--stem-bias-epochs 1), in both runs (to an ulp: the
+    # lookahead's average of two equal values is not always bit-exact).
+    bias = stem.replace("weight", "bias")
+    after_1 = _arrays(first.file(ck.PARAMS))[bias]
+    assert first.epoch == 1 and np.abs(after_1).max() > 0
+    np.testing.assert_allclose(full_params[bias], after_1, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(part_params[bias], after_1, rtol=1e-6, atol=0)
 
 
 def test_lookahead_file_missing_or_damaged_is_one_line(tmp_path, cli_env):
@@ -178,6 +187,11 @@ def test_parameter_groups_and_batch_scaled_lr():
     lrs = [sched(t) for t in range(41)]  # triangular: up over 10 updates, down to 0 over 30
     assert lrs[0] == 0 and max(lrs) == pytest.approx(1.0, abs=0.04) and lrs[-1] == pytest.approx(0, abs=1e-6)
     assert abs(lrs[25] - 0.5) < 0.05 and all(a <= b for a, b in zip(lrs[:10], lrs[1:11]))
+    # airbench94's triangle: from 0.2 of the peak, down to 0.07 of it.
+    sched = engine.make_lr_scheduler(RunConfig(lr=1.0, epochs=4, warmup_epochs=1, lr_schedule="linear",
+                                               lr_start=0.2, lr_end=0.07), 10)
+    lrs = [sched(t) for t in range(41)]
+    assert lrs[0] == pytest.approx(0.2) and lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.07)
 
 
 @pytest.mark.parametrize("values, words", [
@@ -186,6 +200,12 @@ def test_parameter_groups_and_batch_scaled_lr():
     (dict(alternate_flip=True), "augment_flip"),
     (dict(eval_tta="rotate"), "eval_tta"),
     (dict(bn_momentum=1.0), "bn_momentum"),
+    (dict(stem_bias_epochs=3, arch="vgg11"), "patch stem"),
+    (dict(stem_bias_epochs=3, arch="fast3", kvstore="dist_sync"), "kvstore"),
+    (dict(stem_bias_epochs=-1, arch="fast3"), "negative"),
+    (dict(bn_eps=0.0), "bn_eps"),
+    (dict(lr_end=1.0), "lr_end"),
+    (dict(augment_pad="wrap"), "augment_pad"),
 ])
 def test_refusals(values, words):
     with pytest.raises(ConfigError, match=words):

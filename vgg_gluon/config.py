@@ -21,6 +21,7 @@ OPTIMIZERS = ("sgd", "nag", "adam")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 ACTIVATIONS = ("relu", "gelu")
 TTA_MODES = ("none", "flip", "flip-translate")
+PAD_MODES = ("zero", "reflect")
 KVSTORES = ("device", "local", "dist_sync", "dist_device_sync", "dist_async")
 DTYPES = ("float32", "float16")
 
@@ -104,7 +105,9 @@ class RunConfig:
     image_size: Optional[int] = setting(None, "Resize each batch to N x N (the tutorials use 96 or 224; "
                                         "default: the native 32 px, Fashion-MNIST's 28 zero-padded).",
                                         group="data", kind=int)
-    augment_crop: int = setting(0, "Random crop of the image zero-padded by N px (0 = off).", group="augment")
+    augment_crop: int = setting(0, "Random crop of the image padded by N px (0 = off).", group="augment")
+    augment_pad: str = setting("zero", "How --augment-crop pads: zero (black) or reflect (mirrored border, "
+                               "airbench94).", group="augment", choices=PAD_MODES)
     augment_flip: bool = setting(False, "Random horizontal flip.", group="augment")
     alternate_flip: bool = setting(False, "Derandomized flip (airbench94): each image's random flip of epoch 1, "
                                    "inverted every other epoch (needs --augment-flip).", group="augment")
@@ -135,6 +138,7 @@ class RunConfig:
     bn_momentum: float = setting(0.9, "BatchNorm running-average momentum, Gluon's convention: running = "
                                  "m x running + (1 - m) x batch (airbench94's 0.6 is Gluon's 0.6; the fast "
                                  "recipes use 0.4, see benchmarks/README.md).", group="model")
+    bn_eps: float = setting(1e-5, "BatchNorm epsilon (airbench94: 1e-12).", group="model")
     whiten: bool = setting(False, "Initialize the 2x2 patch stem (fast3, fast3s) from the training data's patch "
                            "covariance, frozen.", group="model")
     # optimization
@@ -152,7 +156,14 @@ class RunConfig:
     wd: float = setting(5e-4, "Weight decay.", group="optim")
     lr_schedule: str = setting("cosine", "Per-iteration schedule after the warmup.", group="optim",
                                choices=SCHEDULES)
-    warmup_epochs: float = setting(0.0, "Linear warmup from 0 over this many epochs.", group="optim")
+    warmup_epochs: float = setting(0.0, "Linear warmup over this many epochs.", group="optim")
+    lr_start: float = setting(0.0, "LR where the warmup starts, as a fraction of the peak (airbench94: 0.2).",
+                              group="optim")
+    lr_end: float = setting(0.0, "LR where a linear or cosine schedule ends, as a fraction of the peak "
+                            "(airbench94: 0.07).", group="optim")
+    stem_bias_epochs: Optional[int] = setting(None, "Epochs the patch stem's bias trains before it is frozen "
+                                              "(airbench94: 3; default: it always trains).", group="optim",
+                                              kind=int)
     lr_steps: List[int] = setting(None, "Epochs where the step schedule multiplies the LR by --lr-factor, "
                                   "e.g. 15,25.", group="optim", factory=list)
     lr_factor: float = setting(0.1, "Step schedule factor.", group="optim")
@@ -242,6 +253,7 @@ class RunConfig:
             raise SettingError("ctx", str(exc)) from None
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("eval_tta", self.eval_tta, TTA_MODES)
+        _choice("augment_pad", self.augment_pad, PAD_MODES)
         if self.lookahead and self.kvstore == "dist_async":
             raise SettingError("lookahead", "needs one set of weights per step: not with kvstore dist_async",
                                ("kvstore",))
@@ -251,7 +263,19 @@ class RunConfig:
         if self.whiten and self.arch in CLASSIC_ARCHS:
             raise SettingError("whiten", f"initializes a patch stem, which {self.arch} has not: use arch fast3 "
                                "or fast3s", ("arch",))
-        for name in ("bn_momentum", "lookahead_decay", "lookahead_start"):
+        if self.stem_bias_epochs is not None:
+            if self.arch in CLASSIC_ARCHS:
+                raise SettingError("stem_bias_epochs", f"freezes a patch stem's bias, which {self.arch} has not: "
+                                   "use arch fast3 or fast3s", ("arch",))
+            if self.kvstore.startswith("dist"):
+                raise SettingError("stem_bias_epochs", "changes a learning rate mid-run, which the parameter "
+                                   f"servers of kvstore {self.kvstore} do not see: use kvstore device",
+                                   ("kvstore",))
+            if self.stem_bias_epochs < 0:
+                raise SettingError("stem_bias_epochs", f"must not be negative, got {self.stem_bias_epochs}")
+        if not self.bn_eps > 0:
+            raise SettingError("bn_eps", f"must be positive, got {self.bn_eps}")
+        for name in ("bn_momentum", "lookahead_decay", "lookahead_start", "lr_start", "lr_end"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
         _positive("lookahead_every", self.lookahead_every)

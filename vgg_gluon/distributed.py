@@ -210,11 +210,12 @@ def mxnet_lr_scheduler(cfg: RunConfig, iters_per_epoch: int):
     cannot be imported there). Same shapes: linear warmup, then constant / step / cosine."""
     total = max(1, int(cfg.epochs * iters_per_epoch))
     warm = int(cfg.warmup_epochs * iters_per_epoch)
-    common = dict(base_lr=cfg.effective_lr(), warmup_steps=warm, warmup_begin_lr=0.0)
+    lr = cfg.effective_lr()
+    common = dict(base_lr=lr, warmup_steps=warm, warmup_begin_lr=lr * cfg.lr_start)
     if cfg.lr_schedule == "cosine":
-        return mx.lr_scheduler.CosineScheduler(max(total, warm + 1), final_lr=0.0, **common)
+        return mx.lr_scheduler.CosineScheduler(max(total, warm + 1), final_lr=lr * cfg.lr_end, **common)
     if cfg.lr_schedule == "linear":
-        return mx.lr_scheduler.PolyScheduler(max(total, warm + 1), pwr=1, final_lr=0.0, **common)
+        return mx.lr_scheduler.PolyScheduler(max(total, warm + 1), pwr=1, final_lr=lr * cfg.lr_end, **common)
     steps = [int(e * iters_per_epoch) for e in cfg.lr_steps if e * iters_per_epoch > warm] \
         if cfg.lr_schedule == "step" else []
     if steps:

@@ -245,13 +245,19 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
     """
     cfg = s.cfg
     run_dir = Path(run_dir)
+    freeze = None
+    if cfg.stem_bias_epochs is not None and s.net.stem_conv is not None:
+        from vgg_gluon.fasttrain import StemBiasFreeze
+        freeze = StemBiasFreeze(s.net.stem_conv.bias, cfg.stem_bias_epochs)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if freeze is not None:
+            freeze.epoch_start(epoch)
         try:
             m = train_one_epoch(s.net, s.trainer, s.train_loader, s.loss_fn, epoch=epoch,
                                 num_classes=s.num_classes, label_smoothing=cfg.label_smoothing,
                                 partial=partial, log_interval=cfg.log_interval,
                                 on_progress=on_progress, should_stop=should_stop, seed=cfg.seed,
-                                after_step=s.lookahead.after_step if s.lookahead is not None else None)
+                                after_step=_after_step(s.lookahead, freeze))
         except StopRequested as stop:
             return _save_stopped(s, run_dir, epoch, stop.partial, best_acc)
         except NonFiniteLoss as exc:
@@ -272,6 +278,18 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
         if should_stop and should_stop() and epoch < cfg.epochs:
             return FitResult("stopped", epoch, c, best_acc, f"stopped after epoch {epoch}")
     return FitResult("finished", cfg.epochs, None, best_acc, "")
+
+
+def _after_step(lookahead, freeze) -> Optional[Callable[[int], None]]:
+    """What runs after each optimizer step: the frozen stem bias put back, then lookahead."""
+    hooks = [h.after_step for h in (freeze, lookahead) if h is not None]
+    if len(hooks) < 2:
+        return hooks[0] if hooks else None
+
+    def both(num_update: int) -> None:
+        for h in hooks:
+            h(num_update)
+    return both
 
 
 def _save_stopped(s: Session, run_dir: Path, epoch: int, partial: Partial, best_acc: float) -> FitResult:

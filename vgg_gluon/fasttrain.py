@@ -65,6 +65,27 @@ def freeze_stem(net) -> None:
     net.stem_conv.weight.grad_req = "null"
 
 
+class StemBiasFreeze:
+    """airbench94 trains the whitened stem's bias for its first `epochs` epochs, then freezes it.
+
+    From epoch `epochs` + 1 on, the bias as it was at the start of the epoch is written back after
+    every step: exact for every optimizer (MXNet's SGD moves a weight with its momentum even at a
+    zero learning rate), on every device, and on resume, where the epoch starts from the
+    checkpoint's (already frozen) bias. Changing grad_req instead failed with two CPU contexts."""
+
+    def __init__(self, param, epochs: int) -> None:
+        self.param, self.epochs = param, int(epochs)
+        self.frozen: Optional[List[mx.nd.NDArray]] = None
+
+    def epoch_start(self, epoch: int) -> None:
+        self.frozen = [d.copy() for d in self.param.list_data()] if epoch > self.epochs else None
+
+    def after_step(self, num_update: int = 0) -> None:
+        if self.frozen is not None:
+            for d, f in zip(self.param.list_data(), self.frozen):
+                f.copyto(d)
+
+
 # ------------------------------------------------------------------------------------------------
 # lookahead
 class Lookahead:

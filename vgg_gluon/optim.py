@@ -30,21 +30,21 @@ class PhaseScheduler(LRScheduler):
 
 
 def make_lr_scheduler(cfg: RunConfig, iters_per_epoch: int) -> LRSequential:
-    """Per-iteration schedule of a run: linear warmup from 0 over `warmup_epochs`, then
-    constant / step / cosine / linear (to 0) over the remaining epochs; "linear" after a warmup is
-    the triangular (one-cycle) schedule of the fast-training recipes. The peak is
+    """Per-iteration schedule of a run: linear warmup from `lr_start` x peak over `warmup_epochs`,
+    then constant / step / cosine / linear (to `lr_end` x peak) over the remaining epochs; "linear"
+    after a warmup is the triangular (one-cycle) schedule of the fast-training recipes. The peak is
     `cfg.effective_lr()` (lr scaled to the batch size when lr_base_batch is set)."""
     warm = cfg.warmup_epochs
     lr = cfg.effective_lr()
     parts = []
     if warm > 0:
-        parts.append(PhaseScheduler("linear", base_lr=0.0, target_lr=lr, nepochs=warm,
+        parts.append(PhaseScheduler("linear", base_lr=lr * cfg.lr_start, target_lr=lr, nepochs=warm,
                                     iters_per_epoch=iters_per_epoch))
     kwargs = {}
     if cfg.lr_schedule == "step":
         kwargs = dict(step_epoch=[s - warm for s in cfg.lr_steps if s > warm] or [cfg.epochs * 10],
                       step_factor=cfg.lr_factor)
-    parts.append(PhaseScheduler(cfg.lr_schedule, base_lr=lr, target_lr=0.0, nepochs=cfg.epochs - warm,
+    parts.append(PhaseScheduler(cfg.lr_schedule, base_lr=lr, target_lr=lr * cfg.lr_end, nepochs=cfg.epochs - warm,
                                 iters_per_epoch=iters_per_epoch, **kwargs))
     return LRSequential(parts)
 

@@ -176,7 +176,7 @@ def _make_loaders(s: Session, eval_batch_size: Optional[int], train: bool) -> No
         batch = distributed.local_batch_size(cfg.batch_size, s.dist.num_workers, len(ctx_list))
         shard = (s.dist.rank, s.dist.num_workers)
     s.train_loader = data_mod.BatchLoader(
-        dataset.train, batch, ctx_list, train=True, augment_crop_pad=cfg.augment_crop,
+        dataset.train, batch, ctx_list, train=True, augment_crop_pad=cfg.augment_crop, augment_pad=cfg.augment_pad,
         augment_flip=cfg.augment_flip, seed=cfg.seed, shard=shard, alternate_flip=cfg.alternate_flip,
         augment_cutout=cfg.augment_cutout, **common)
     if len(s.train_loader) == 0:
@@ -196,7 +196,7 @@ def make_lookahead(net, cfg: RunConfig, steps_per_epoch: int):
 def build_network(cfg: RunConfig, num_classes: int):
     """The run's network (architecture and the layer options of its recipe), not initialized."""
     opts = models.LayerOptions(activation=cfg.activation, bn_scale=cfg.bn_scale, bn_momentum=cfg.bn_momentum,
-                               dirac_init=cfg.arch in models.LAYOUTS)
+                               bn_eps=cfg.bn_eps, dirac_init=cfg.arch in models.LAYOUTS)
     return models.build_vgg(cfg.arch, num_classes, width=cfg.width, batch_norm=cfg.batch_norm,
                             fc_units=cfg.fc_units, dropout=cfg.dropout, opts=opts,
                             in_channels=data_mod.num_channels(cfg.dataset))

@@ -58,8 +58,10 @@ def _zero_pad(y: "mx.nd.NDArray", top: int, bottom: int, left: int, right: int) 
     return out
 
 
-def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarray) -> "mx.nd.NDArray":
-    """Per-sample crop of y zero-padded by p at offsets (B, 2), then flip where flips (B,).
+def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarray,
+               pad_mode: str = "zero") -> "mx.nd.NDArray":
+    """Per-sample crop of y padded by p (zeros, or the reflected border) at offsets (B, 2), then
+    flip where flips (B,).
 
     Two gathers with mx.nd.take over computed indices (rows, then columns; the flip is just
     reversed column indices), so it costs the same for any mix of offsets and flips, with
@@ -70,7 +72,8 @@ def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarra
     ctx = y.context
     b, c, h, w = y.shape
     if p:
-        y = _zero_pad(y, p, p, p, p)
+        y = (mx.nd.pad(y, mode="reflect", pad_width=(0, 0, 0, 0, p, p, p, p)) if pad_mode == "reflect"
+             else _zero_pad(y, p, p, p, p))
         # Rows: (B, C, Hp, Wp) -> (B, Hp, C, Wp) -> (B*Hp, C*Wp); output row i of sample b is
         # padded row b*Hp + dy_b + i.
         hp, wp = h + 2 * p, w + 2 * p
@@ -93,14 +96,14 @@ def transform_batch(x: "mx.nd.NDArray", *, mean: Sequence[float], std: Sequence[
                     pad_to: Optional[int], image_size: Optional[int], crop_pad: int = 0,
                     crop_offsets: Optional[np.ndarray] = None,
                     flips: Optional[np.ndarray] = None, cutout: int = 0,
-                    cutout_centers: Optional[np.ndarray] = None) -> "mx.nd.NDArray":
+                    cutout_centers: Optional[np.ndarray] = None, pad_mode: str = "zero") -> "mx.nd.NDArray":
     """uint8 (B, H, W, C) -> normalized float32 (B, C, H', W') on x's context.
 
     Semantics, in order: float NCHW -> zero-pad to pad_to (or, if image_size is given,
     bilinear resize straight from the source size, no padding) -> crop of the image
-    zero-padded by crop_pad at per-sample offsets (B, 2) in [0, 2*crop_pad] -> horizontal
-    flip where flips[b] -> (x - mean) / std. A handful of NDArray ops over the whole batch,
-    no Python loop per sample.
+    padded by crop_pad (zeros, or reflected with pad_mode "reflect") at per-sample offsets
+    (B, 2) in [0, 2*crop_pad] -> horizontal flip where flips[b] -> (x - mean) / std. A handful
+    of NDArray ops over the whole batch, no Python loop per sample.
 
     When resizing without a crop, the flip and the normalization are applied to the small
     source image instead (same result: the resize's sampling grid is mirror-symmetric and its
@@ -124,7 +127,8 @@ def transform_batch(x: "mx.nd.NDArray", *, mean: Sequence[float], std: Sequence[
         size = int(image_size)
         if do_crop:  # literal order: the crop's padding must be black, and it precedes the flip
             y = mx.nd.contrib.BilinearResize2D(y, height=size, width=size)
-            return mx.nd.broadcast_mul(mx.nd.broadcast_sub(_crop_flip(y, int(crop_pad), offsets, flip_mask), m), inv)
+            return mx.nd.broadcast_mul(mx.nd.broadcast_sub(_crop_flip(y, int(crop_pad), offsets, flip_mask, pad_mode),
+                                                           m), inv)
         if flip_mask.any():
             y = _crop_flip(y, 0, zero_offsets, flip_mask)
         y = mx.nd.broadcast_mul(mx.nd.broadcast_sub(y, m), inv)
@@ -133,7 +137,7 @@ def transform_batch(x: "mx.nd.NDArray", *, mean: Sequence[float], std: Sequence[
         top, left = (pad_to - h) // 2, (pad_to - w) // 2
         y = _zero_pad(y, top, max(pad_to - h, 0) - top, left, max(pad_to - w, 0) - left)
     if do_crop or flip_mask.any():
-        y = _crop_flip(y, int(crop_pad) if do_crop else 0, offsets if do_crop else zero_offsets, flip_mask)
+        y = _crop_flip(y, int(crop_pad) if do_crop else 0, offsets if do_crop else zero_offsets, flip_mask, pad_mode)
     y = mx.nd.broadcast_mul(mx.nd.broadcast_sub(y, m), inv)
     if cutout and cutout_centers is not None:
         y = mx.nd.broadcast_mul(y, _nd_on(cutout_mask(y.shape[2], y.shape[3], cutout, cutout_centers), y.context))
@@ -165,7 +169,7 @@ class BatchLoader:
                  mean: Sequence[float], std: Sequence[float], pad_to: Optional[int],
                  image_size: Optional[int], train: bool, augment_crop_pad: int = 0,
                  augment_flip: bool = False, seed: int = 0, shard: Tuple[int, int] = (0, 1),
-                 alternate_flip: bool = False, augment_cutout: int = 0) -> None:
+                 alternate_flip: bool = False, augment_cutout: int = 0, augment_pad: str = "zero") -> None:
         import mxnet as mx
 
         if not ctx_list:
@@ -182,6 +186,7 @@ class BatchLoader:
         self.pad_to, self.image_size = pad_to, image_size
         self.train = bool(train)
         self.crop_pad = int(augment_crop_pad) if train else 0
+        self.pad_mode = augment_pad
         self.flip = bool(augment_flip) and train
         self.alternate_flip = bool(alternate_flip) and self.flip
         self.cutout = int(augment_cutout) if train else 0
@@ -261,7 +266,7 @@ class BatchLoader:
                 x = mx.nd.take(self._images, sel).as_in_context(ctx)
                 data.append(transform_batch(
                     x, mean=self.mean, std=self.std, pad_to=self.pad_to, image_size=self.image_size,
-                    crop_pad=self.crop_pad,
+                    crop_pad=self.crop_pad, pad_mode=self.pad_mode,
                     crop_offsets=offsets[lo:hi] if offsets is not None else None,
                     flips=flips[lo:hi] if flips is not None else None, cutout=self.cutout,
                     cutout_centers=centers[lo:hi] if centers is not None else None))
