@@ -1,7 +1,10 @@
 """Time one hybridized training step of a spec row on synthetic data (issue 10's sizing tool).
 
-    benchmarks/step_time.py ARCH WIDTH ACTIVATION BATCH CHANNELS [SIDE]
+    benchmarks/step_time.py ARCH WIDTH ACTIVATION BATCH CHANNELS [SIDE] [--no-relayout]
     e.g. .venv/bin/python benchmarks/step_time.py fast3 0.5 relu 256 3
+
+--no-relayout: without models._RelayoutBatchNorm (the BatchNorm after the whitened stem's
+24-channel conv then runs oneDNN's reference backward kernel on AVX-512 CPUs).
 
 Fast-training layer options (BN without scale, momentum 0.4, identity init), Nesterov; 3 warm-up
 steps, then the mean of 10. Prints ms/step, img/s and the load average (the machine is shared).
@@ -16,6 +19,9 @@ autograd, gluon = mx.autograd, mx.gluon
 
 
 def main(argv):
+    if "--no-relayout" in argv:
+        argv = [a for a in argv if a != "--no-relayout"]
+        M.needs_relayout = lambda in_channels: False
     arch, width, act, bs, ch = argv[0], float(argv[1]), argv[2], int(argv[3]), int(argv[4])
     side = int(argv[5]) if len(argv) > 5 else 32
     opts = M.LayerOptions(activation=act, bn_scale=False, bn_momentum=0.4, dirac_init=arch in M.LAYOUTS)

@@ -58,6 +58,12 @@ def _zero_pad(y: "mx.nd.NDArray", top: int, bottom: int, left: int, right: int) 
     return out
 
 
+def _reflect(k: np.ndarray, n: int) -> np.ndarray:
+    """Index k in [-(n-1), 2n-2] of a border-reflected axis of length n -> its source index."""
+    k = np.abs(k)
+    return np.where(k > n - 1, 2 * (n - 1) - k, k)
+
+
 def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarray,
                pad_mode: str = "zero") -> "mx.nd.NDArray":
     """Per-sample crop of y padded by p (zeros, or the reflected border) at offsets (B, 2), then
@@ -65,28 +71,35 @@ def _crop_flip(y: "mx.nd.NDArray", p: int, offsets: np.ndarray, flips: np.ndarra
 
     Two gathers with mx.nd.take over computed indices (rows, then columns; the flip is just
     reversed column indices), so it costs the same for any mix of offsets and flips, with
-    index arrays of only B*H and B*W entries.
+    index arrays of only B*H and B*W entries. A reflected border is in the indices too: no
+    padded copy is made.
     """
     import mxnet as mx
 
     ctx = y.context
     b, c, h, w = y.shape
+    reflect = bool(p) and pad_mode == "reflect"
     if p:
-        y = (mx.nd.pad(y, mode="reflect", pad_width=(0, 0, 0, 0, p, p, p, p)) if pad_mode == "reflect"
-             else _zero_pad(y, p, p, p, p))
+        if reflect:
+            hp, wp, src = h, w, _reflect(offsets[:, :1] - p + np.arange(h)[None, :], h)
+        else:
+            y = _zero_pad(y, p, p, p, p)
+            hp, wp, src = h + 2 * p, w + 2 * p, offsets[:, :1] + np.arange(h)[None, :]
         # Rows: (B, C, Hp, Wp) -> (B, Hp, C, Wp) -> (B*Hp, C*Wp); output row i of sample b is
-        # padded row b*Hp + dy_b + i.
-        hp, wp = h + 2 * p, w + 2 * p
-        rows = (np.arange(b)[:, None] * hp + offsets[:, :1] + np.arange(h)[None, :]).ravel()
+        # row b*Hp + src[b, i].
+        rows = (np.arange(b)[:, None] * hp + src).ravel()
         y = mx.nd.take(mx.nd.transpose(y, axes=(0, 2, 1, 3)).reshape((b * hp, c * wp)),
                        _nd_on(rows, ctx, "int32"))
         y = mx.nd.transpose(y.reshape((b, h, c, wp)), axes=(0, 2, 1, 3))  # (B, C, H, Wp)
     else:
         wp = w
     # Columns: (B, C, H, Wp) -> (B, Wp, C, H) -> (B*Wp, C*H); output column j of sample b is
-    # dx_b + j, or dx_b + W-1-j when it is flipped.
+    # padded column dx_b + j, or dx_b + W-1-j when it is flipped.
     j = np.arange(w)[None, :]
-    cols = (np.arange(b)[:, None] * wp + offsets[:, 1:] + np.where(flips[:, None], w - 1 - j, j)).ravel()
+    src = offsets[:, 1:] + np.where(flips[:, None], w - 1 - j, j)
+    if reflect:
+        src = _reflect(src - p, w)
+    cols = (np.arange(b)[:, None] * wp + src).ravel()
     y = mx.nd.take(mx.nd.transpose(y, axes=(0, 3, 1, 2)).reshape((b * wp, c * h)),
                    _nd_on(cols, ctx, "int32"))
     return mx.nd.transpose(y.reshape((b, w, c, h)), axes=(0, 2, 3, 1))  # (B, C, H, W)
