@@ -164,9 +164,8 @@ class RunConfig:
                               group="optim")
     lr_end: float = setting(0.0, "LR where a linear or cosine schedule ends, as a fraction of the peak "
                             "(airbench94: 0.07).", group="optim")
-    stem_bias_epochs: Optional[int] = setting(None, "Epochs the patch stem's bias trains before it is frozen "
-                                              "(airbench94: 3; default: it always trains).", group="optim",
-                                              kind=int)
+    stem_bias_epochs: int = setting(0, "Epochs the patch stem's bias trains before it is frozen (airbench94: 3; "
+                                    "0 = it always trains).", group="optim")
     lr_steps: List[int] = setting(None, "Epochs where the step schedule multiplies the LR by --lr-factor, "
                                   "e.g. 15,25.", group="optim", factory=list)
     lr_factor: float = setting(0.1, "Step schedule factor.", group="optim")
@@ -266,16 +265,11 @@ class RunConfig:
         if self.whiten and self.arch in CLASSIC_ARCHS:
             raise SettingError("whiten", f"initializes a patch stem, which {self.arch} has not: use arch fast3 "
                                "or fast3s", ("arch",))
-        if self.stem_bias_epochs is not None:
-            if self.arch in CLASSIC_ARCHS:
-                raise SettingError("stem_bias_epochs", f"freezes a patch stem's bias, which {self.arch} has not: "
-                                   "use arch fast3 or fast3s", ("arch",))
-            if self.kvstore.startswith("dist"):
-                raise SettingError("stem_bias_epochs", "changes a learning rate mid-run, which the parameter "
-                                   f"servers of kvstore {self.kvstore} do not see: use kvstore device",
-                                   ("kvstore",))
-            if self.stem_bias_epochs < 0:
-                raise SettingError("stem_bias_epochs", f"must not be negative, got {self.stem_bias_epochs}")
+        if self.stem_bias_epochs < 0:
+            raise SettingError("stem_bias_epochs", f"must not be negative, got {self.stem_bias_epochs}")
+        if self.stem_bias_epochs and self.arch in CLASSIC_ARCHS:
+            raise SettingError("stem_bias_epochs", f"freezes a patch stem's bias, which {self.arch} has not: "
+                               "use arch fast3 or fast3s", ("arch",))
         if not self.bn_eps > 0:
             raise SettingError("bn_eps", f"must be positive, got {self.bn_eps}")
         for name in ("bn_momentum", "lookahead_decay", "lookahead_start", "lr_start", "lr_end"):

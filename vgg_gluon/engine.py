@@ -246,7 +246,7 @@ def fit(s: Session, run_dir: Path, *, start_epoch: int = 0, partial: Optional[Pa
     cfg = s.cfg
     run_dir = Path(run_dir)
     freeze = None
-    if cfg.stem_bias_epochs is not None and s.net.stem_conv is not None:
+    if cfg.stem_bias_epochs and s.net.stem_conv is not None:
         from vgg_gluon.fasttrain import StemBiasFreeze
         freeze = StemBiasFreeze(s.net.stem_conv.bias, cfg.stem_bias_epochs)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
