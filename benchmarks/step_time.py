@@ -1,10 +1,12 @@
 """Time one hybridized training step of a spec row on synthetic data (issue 10's sizing tool).
 
-    benchmarks/step_time.py ARCH WIDTH ACTIVATION BATCH CHANNELS [SIDE] [--no-relayout]
+    benchmarks/step_time.py ARCH WIDTH ACTIVATION BATCH CHANNELS [SIDE] [--no-relayout] [--no-pad]
     e.g. .venv/bin/python benchmarks/step_time.py fast3 0.5 relu 256 3
 
 --no-relayout: without models._RelayoutBatchNorm (the BatchNorm after the whitened stem's
 24-channel conv then runs oneDNN's reference backward kernel on AVX-512 CPUs).
+--no-pad: the whitened stem runs with its own filter count (24 for RGB, 8 for grey) instead of
+the next multiple of 16 (cpu_layers.ZeroPaddedConv2D), i.e. on oneDNN's AVX2 kernels.
 
 Fast-training layer options (BN without scale, momentum 0.4, identity init), Nesterov; 3 warm-up
 steps, then the mean of 10. Prints ms/step, img/s and the load average (the machine is shared).
@@ -22,6 +24,9 @@ def main(argv):
     if "--no-relayout" in argv:
         argv = [a for a in argv if a != "--no-relayout"]
         M.needs_relayout = lambda in_channels: False
+    if "--no-pad" in argv:
+        argv = [a for a in argv if a != "--no-pad"]
+        M.stem_padding = lambda channels: 0
     arch, width, act, bs, ch = argv[0], float(argv[1]), argv[2], int(argv[3]), int(argv[4])
     side = int(argv[5]) if len(argv) > 5 else 32
     opts = M.LayerOptions(activation=act, bn_scale=False, bn_momentum=0.4, dirac_init=arch in M.LAYOUTS)

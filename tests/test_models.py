@@ -5,6 +5,7 @@ import pytest
 from conftest import TINY_WIDTH
 from mxnet import autograd, gluon
 
+from vgg_gluon import cpu_layers
 from vgg_gluon import models as M
 from vgg_gluon import netsummary as NS
 
@@ -18,14 +19,21 @@ def _input(shape, seed=0):
 
 
 def _layer_shapes(net: M.VGG, x):
-    """(name, output shape) of every layer, by running them one at a time (eager)."""
+    """(name, output shape) of every layer, by running them one at a time (eager). The whitened
+    stem's outputs are counted without the zero channels it may carry on AVX-512 (ZeroPaddedConv2D):
+    the network's description does not change with the CPU."""
     out = []
+    pad = net.stem_conv.pad_out if isinstance(net.stem_conv, M.ZeroPaddedConv2D) else 0
     for part_name, part in (("features", net.features), ("classifier", net.classifier)):
         for child_name, child in part._children.items():
             if part_name == "features":
                 for layer_name, layer in child._children.items():
                     x = layer(x)
-                    out.append((f"features.{child_name}.{layer_name}", x.shape))
+                    shape = x.shape
+                    if child_name == "stem":
+                        assert not x[:, shape[1] - pad:].asnumpy().any()  # the padding is zero
+                        shape = (shape[0], shape[1] - pad) + shape[2:]
+                    out.append((f"features.{child_name}.{layer_name}", shape))
             else:
                 x = child(x)
                 out.append((f"classifier.{child_name}", x.shape))
@@ -259,29 +267,40 @@ def test_fast_row_layout(channels):
         net(_input((1, channels, 8, 8)))
 
 
-def test_relayout_batchnorm_is_the_same_layer(monkeypatch):
-    """On AVX-512 the BN after the 24-channel stem goes through the plain layout (a speed fix,
-    models._RelayoutBatchNorm): same parameter names, same outputs and gradients as nn.BatchNorm."""
-    opts = M.LayerOptions(bn_scale=False, bn_momentum=0.6, dirac_init=True)
+@pytest.mark.parametrize("channels, fix", [(3, "pad"), (1, "pad"), (3, "relayout")])
+def test_avx512_layers_compute_the_same_net(monkeypatch, tmp_path, channels, fix):
+    """On AVX-512 the whitened stem runs with 32 (RGB) or 16 (grey) filters, the extra ones zero
+    (cpu_layers.ZeroPaddedConv2D), and without that padding the BN after it goes through the plain
+    layout (cpu_layers.RelayoutBatchNorm). Both are speed fixes only: same parameter names, shapes
+    and seeded init, the same outputs and gradients, and checkpoints load both ways."""
+    opts = M.LayerOptions(activation="gelu", bn_scale=False, bn_momentum=0.6, dirac_init=True)
     nets = {}
     for avx512 in (False, True):
-        monkeypatch.setattr(M._env, "onednn_uses_avx512", lambda v=avx512: v)
-        net = M.build_vgg("fast3", 10, width=0.25, batch_norm=True, in_channels=3, opts=opts)
-        M.initialize(net, [CTX], seed=0, input_shape=(3, 32, 32))
+        monkeypatch.setattr(cpu_layers._env, "onednn_uses_avx512", lambda v=avx512: v)
+        if fix == "relayout":
+            monkeypatch.setattr(M, "stem_padding", lambda c: 0)
+        net = M.build_vgg("fast3", 10, width=0.25, batch_norm=True, in_channels=channels, opts=opts)
+        M.initialize(net, [CTX], seed=0, input_shape=(channels, 32, 32))
         net.hybridize(static_alloc=True)
         nets[avx512] = net
-    plain, relaid = nets[False], nets[True]
-    assert isinstance(relaid.features[1][2], M._RelayoutBatchNorm)
-    assert not isinstance(plain.features[1][2], M._RelayoutBatchNorm)
-    assert not isinstance(relaid.features[2][2], M._RelayoutBatchNorm)  # 64 inputs: not needed
-    assert list(plain._collect_params_with_prefix()) == list(relaid._collect_params_with_prefix())
-    assert ([n[len(plain.prefix):] for n in plain.collect_params()]
-            == [n[len(relaid.prefix):] for n in relaid.collect_params()])
-    for p, q in zip(plain.collect_params().values(), relaid.collect_params().values()):
-        q.set_data(p.data())
-    x = _input((8, 3, 32, 32))
+    plain, fast = nets[False], nets[True]
+    conv1, bn1 = fast.features[1][0], fast.features[1][2]
+    stem = 2 * channels * 4
+    if fix == "pad":
+        assert isinstance(fast.stem_conv, M.ZeroPaddedConv2D) and fast.stem_conv.pad_out == 16 - stem % 16
+        assert isinstance(conv1, M.ZeroPaddedConv2D) and conv1.pad_in == fast.stem_conv.pad_out
+        assert type(bn1) is M.nn.BatchNorm
+    else:
+        assert type(fast.stem_conv) is M.nn.Conv2D and isinstance(bn1, M.RelayoutBatchNorm)
+    assert type(plain.stem_conv) is M.nn.Conv2D and type(plain.features[1][2]) is M.nn.BatchNorm
+    assert type(fast.features[2][2]) is M.nn.BatchNorm  # a conv with 64 inputs needs neither
+    assert list(plain._collect_params_with_prefix()) == list(fast._collect_params_with_prefix())
+    for p, q in zip(plain.collect_params().values(), fast.collect_params().values()):
+        assert p.name[len(plain.prefix):] == q.name[len(fast.prefix):] and p.shape == q.shape
+        np.testing.assert_array_equal(p.data().asnumpy(), q.data().asnumpy())
+    x = _input((8, channels, 32, 32))
     grads = []
-    for net in (plain, relaid):
+    for net in (plain, fast):
         with autograd.record():
             out = net(x)
         out.backward()
@@ -290,4 +309,15 @@ def test_relayout_batchnorm_is_the_same_layer(monkeypatch):
     np.testing.assert_allclose(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(grads[0][1], grads[1][1]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(a).max()))
+    fast.save_parameters(str(tmp_path / "fast.params"))
+    plain.load_parameters(str(tmp_path / "fast.params"), ctx=CTX)
+    np.testing.assert_allclose(plain(x).asnumpy(), fast(x).asnumpy(), rtol=1e-5, atol=1e-6)
     assert not M.needs_relayout(3) and not M.needs_relayout(None)
+
+
+def test_channel_padding():
+    pads = {c: cpu_layers.channel_padding(c) for c in (None, 0, 1, 3, 4, 8, 16, 24, 32, 40)}
+    if cpu_layers._env.onednn_uses_avx512():
+        assert pads == {None: 0, 0: 0, 1: 0, 3: 0, 4: 0, 8: 8, 16: 0, 24: 8, 32: 0, 40: 8}
+    else:
+        assert set(pads.values()) == {0}

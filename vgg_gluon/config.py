@@ -44,7 +44,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # CIFAR-10 also takes airbench94's remaining details (chosen on a validation split, benchmarks/README.md).
     "cifar10": {"arch": "fast3", "width": 0.5, **FAST_TRAINING, "activation": "gelu", "bn_momentum": 0.6,
                 "bn_eps": 1e-12, "lr_start": 0.2, "lr_end": 0.07, "stem_bias_epochs": 3, "augment_pad": "reflect",
-                "epochs": 12, "warmup_epochs": 2.8},
+                "epochs": 14, "warmup_epochs": 3.2},
 }
 #: What a classic row (vgg11..vgg19) gets on each data set when the data set's recipe is a fast row:
 #: the fast-training settings need the patch stem and were sized for it.

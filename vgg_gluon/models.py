@@ -20,7 +20,8 @@ import numpy as np
 from mxnet import gluon
 from mxnet.gluon import nn
 
-from vgg_gluon import _env, config
+from vgg_gluon import config
+from vgg_gluon.cpu_layers import RelayoutBatchNorm, ZeroPaddedConv2D, channel_padding, needs_relayout
 
 log = logging.getLogger(__name__)
 
@@ -192,31 +193,6 @@ class LayerOptions:
     dirac_init: bool = False       # identity-initialized convs (set for the fast layouts)
 
 
-class _RelayoutBatchNorm(nn.BatchNorm):
-    """BatchNorm that first passes its input through `x * 1.0` (exact), which hands it to oneDNN
-    in the plain NCHW layout.
-
-    Why: on an AVX-512 CPU, a conv whose input channels are not a multiple of 16 (the whitened
-    stem's 24) runs an AVX2 kernel that writes 8-channel blocks, while the rest of the net uses
-    16-channel blocks. The BatchNorm after it then got its data in one blocking and its gradient in
-    the other, and oneDNN 2.x fell back to its reference kernel: 142 of 481 ms per step of the
-    CIFAR-10 default (fast3 x0.5, batch 512). Through the plain layout it runs a JIT kernel: 349 ms
-    per step (benchmarks/README.md). Same parameter names as nn.BatchNorm (same alias)."""
-
-    def _alias(self) -> str:
-        return "batchnorm"
-
-    def hybrid_forward(self, F, x, gamma, beta, running_mean, running_var):  # noqa: N803
-        return super().hybrid_forward(F, x * 1.0, gamma, beta, running_mean, running_var)
-
-
-def needs_relayout(in_channels: Optional[int]) -> bool:
-    """Whether the BatchNorm after a conv with `in_channels` inputs needs `_RelayoutBatchNorm`:
-    AVX-512 oneDNN and an input count that is not a multiple of 16 (the first layer's 1 or 3
-    channels excepted: oneDNN has a dedicated kernel for those that writes 16-channel blocks)."""
-    return bool(in_channels) and in_channels > 4 and in_channels % 16 != 0 and _env.onednn_uses_avx512()
-
-
 def _activation(name: str) -> gluon.HybridBlock:
     if name == "gelu":
         return nn.GELU()
@@ -224,15 +200,19 @@ def _activation(name: str) -> gluon.HybridBlock:
 
 
 def _make_layer(kind: str, channels: int, batch_norm: bool,
-                opts: LayerOptions = LayerOptions(), relayout: bool = False) -> gluon.HybridBlock:
+                opts: LayerOptions = LayerOptions(), relayout: bool = False,
+                in_channels: int = 0, pad_in: int = 0) -> gluon.HybridBlock:
     if kind == "conv":
         # With BN right after, a conv bias is redundant: BN subtracts the batch mean (removing
         # any constant) and adds its own learned shift `beta`. Dropping it saves parameters and
         # one broadcast add per conv.
-        return nn.Conv2D(channels, kernel_size=3, padding=1, use_bias=not batch_norm,
-                         weight_initializer=_DiracUniform() if opts.dirac_init else _conv_init())
+        kwargs = dict(kernel_size=3, padding=1, use_bias=not batch_norm,
+                      weight_initializer=_DiracUniform() if opts.dirac_init else _conv_init())
+        if pad_in:
+            return ZeroPaddedConv2D(channels, in_channels=in_channels, pad_in=pad_in, **kwargs)
+        return nn.Conv2D(channels, **kwargs)
     if kind == "bn":
-        cls = _RelayoutBatchNorm if relayout else nn.BatchNorm
+        cls = RelayoutBatchNorm if relayout else nn.BatchNorm
         if opts == LayerOptions():
             return cls()
         return cls(momentum=opts.bn_momentum, epsilon=opts.bn_eps, scale=opts.bn_scale)
@@ -245,24 +225,35 @@ def _make_layer(kind: str, channels: int, batch_norm: bool,
 
 def vgg_block(num_convs: int, channels: int, *, batch_norm: bool = False,
               prefix: Optional[str] = None, pool: str = "end",
-              opts: LayerOptions = LayerOptions(), in_channels: Optional[int] = None) -> nn.HybridSequential:
+              opts: LayerOptions = LayerOptions(), in_channels: Optional[int] = None,
+              pad_in: int = 0) -> nn.HybridSequential:
     """[3x3 conv (pad 1) (+ BN) + ReLU] x num_convs, then a 2x2/2 max-pool: halves H and W.
     With pool="first", the pool follows the first conv (airbench's ConvGroup). `in_channels`
-    (when known) lets the first BN avoid a slow oneDNN path (`needs_relayout`).
+    (when known) lets the first BN avoid a slow oneDNN path (`needs_relayout`); `pad_in` zero
+    input channels follow them when the layer before pads its output (cpu_layers.ZeroPaddedConv2D).
 
     Children are named conv1, bn1, relu1, ..., pool (they become part of the parameter names).
     """
     block = nn.HybridSequential(prefix=prefix)
     with block.name_scope():
         for name, kind in _block_layer_names(num_convs, batch_norm, pool):
-            relayout = name == "bn1" and needs_relayout(in_channels)
-            block.register_child(_make_layer(kind, channels, batch_norm, opts, relayout), name)
+            relayout = name == "bn1" and needs_relayout((in_channels or 0) + pad_in)
+            first = name == "conv1"
+            block.register_child(_make_layer(kind, channels, batch_norm, opts, relayout,
+                                             in_channels=in_channels if first else 0,
+                                             pad_in=pad_in if first else 0), name)
     return block
 
 
 def stem_channels(lay: Layout, in_channels: int) -> int:
     """Filters of the patch layer: +/- every eigenvector of the k x k x C patch covariance."""
     return 2 * in_channels * lay.stem * lay.stem
+
+
+def stem_padding(channels: int) -> int:
+    """Zero filters the stem runs with on this CPU (cpu_layers.channel_padding: 24 -> 32 on
+    AVX-512); benchmarks/step_time.py --no-pad replaces it."""
+    return channel_padding(channels)
 
 
 class VGG(gluon.HybridBlock):
@@ -310,18 +301,22 @@ class VGG(gluon.HybridBlock):
         with self.name_scope():
             self.features = nn.HybridSequential(prefix="features_")
             with self.features.name_scope():
+                pad = 0
                 if lay.stem:
+                    pad = stem_padding(self.stem_channels)
                     stem = nn.HybridSequential(prefix="stem_")
                     with stem.name_scope():
                         # Frozen when whitened (fasttrain.whiten_stem); its bias always trains.
-                        stem.register_child(nn.Conv2D(self.stem_channels, kernel_size=lay.stem, padding=0,
-                                                      use_bias=True, weight_initializer=_conv_init()), "conv")
+                        kw = dict(kernel_size=lay.stem, padding=0, use_bias=True, weight_initializer=_conv_init())
+                        conv = (ZeroPaddedConv2D(self.stem_channels, in_channels=int(in_channels), pad_out=pad, **kw)
+                                if pad else nn.Conv2D(self.stem_channels, **kw))
+                        stem.register_child(conv, "conv")
                         stem.register_child(_activation(opts.activation), "act")
                     self.features.register_child(stem, "stem")
                 cin = self.stem_channels or in_channels
                 for b, (num_convs, channels) in enumerate(self.spec, start=1):
                     block = vgg_block(num_convs, channels, batch_norm=self.batch_norm, prefix=f"block{b}_",
-                                      pool=lay.pool, opts=opts, in_channels=cin)
+                                      pool=lay.pool, opts=opts, in_channels=cin, pad_in=pad if b == 1 else 0)
                     cin = channels
                     self.features.register_child(block, f"block{b}")
 
