@@ -321,3 +321,16 @@ def test_channel_padding():
         assert pads == {None: 0, 0: 0, 1: 0, 3: 0, 4: 0, 8: 8, 16: 0, 24: 8, 32: 0, 40: 8}
     else:
         assert set(pads.values()) == {0}
+
+
+def test_no_cpu_fast_paths_for_a_network_on_gpus(monkeypatch):
+    """The padded stem and the relayout are for oneDNN: a run on GPUs builds the plain layers."""
+    from vgg_gluon import session
+    from vgg_gluon.config import RunConfig
+    monkeypatch.setattr(cpu_layers._env, "onednn_uses_avx512", lambda: True)
+    cfg = RunConfig(dataset="cifar10", arch="fast3", width=0.25, batch_norm=True)
+    on_cpu = session.build_network(cfg, 10, [mx.cpu(0), mx.cpu(1)])
+    on_gpu = session.build_network(cfg, 10, [mx.gpu(0), mx.gpu(1)])
+    assert isinstance(on_cpu.stem_conv, M.ZeroPaddedConv2D)
+    assert type(on_gpu.stem_conv) is M.nn.Conv2D and type(on_gpu.features[1][0]) is M.nn.Conv2D
+    assert type(on_gpu.features[1][2]) is M.nn.BatchNorm

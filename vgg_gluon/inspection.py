@@ -102,7 +102,7 @@ def load_run_model(run_dir: Path, which: str = "best", ctx=None) -> RunModel:
         from vgg_gluon.runtime import resolve_ctx
         ctx = resolve_ctx(ctx)[0]
     ctx = ctx or mx.cpu()
-    net = engine.build_network(cfg, len(prep["classes"]))  # the run's layer options (activation, BN)
+    net = engine.build_network(cfg, len(prep["classes"]), [ctx])  # the run's layer options
     if getattr(cfg, "dtype", "float32") != "float32":
         # A float16 run: its weights are cast to float32 on loading (predict/export/report run
         # anywhere, and an export serves float32 inputs).

@@ -191,6 +191,7 @@ class LayerOptions:
     bn_momentum: float = 0.9       # Gluon's convention: running = m * running + (1 - m) * batch
     bn_eps: float = 1e-5
     dirac_init: bool = False       # identity-initialized convs (set for the fast layouts)
+    cpu_fast_paths: bool = True    # cpu_layers where oneDNN wants them (off for a network on GPUs)
 
 
 def _activation(name: str) -> gluon.HybridBlock:
@@ -237,7 +238,7 @@ def vgg_block(num_convs: int, channels: int, *, batch_norm: bool = False,
     block = nn.HybridSequential(prefix=prefix)
     with block.name_scope():
         for name, kind in _block_layer_names(num_convs, batch_norm, pool):
-            relayout = name == "bn1" and needs_relayout((in_channels or 0) + pad_in)
+            relayout = name == "bn1" and opts.cpu_fast_paths and needs_relayout((in_channels or 0) + pad_in)
             first = name == "conv1"
             block.register_child(_make_layer(kind, channels, batch_norm, opts, relayout,
                                              in_channels=in_channels if first else 0,
@@ -303,7 +304,7 @@ class VGG(gluon.HybridBlock):
             with self.features.name_scope():
                 pad = 0
                 if lay.stem:
-                    pad = stem_padding(self.stem_channels)
+                    pad = stem_padding(self.stem_channels) if opts.cpu_fast_paths else 0
                     stem = nn.HybridSequential(prefix="stem_")
                     with stem.name_scope():
                         # Frozen when whitened (fasttrain.whiten_stem); its bias always trains.

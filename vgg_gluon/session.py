@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -96,7 +96,7 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
         dataset = data_mod.load_dataset(
             cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, train_limit=cfg.train_limit,
             test_limit=cfg.test_limit, val_split=cfg.val_split, seed=cfg.seed)
-    s = Session(cfg, ctx_list, dataset, build_network(cfg, len(dataset.classes)), dist=dist)
+    s = Session(cfg, ctx_list, dataset, build_network(cfg, len(dataset.classes), ctx_list), dist=dist)
     _place_network(s, params_source)
     _make_loaders(s, eval_batch_size, train)
     if train:
@@ -193,10 +193,12 @@ def make_lookahead(net, cfg: RunConfig, steps_per_epoch: int):
                      start_update=int(cfg.lookahead_start * total), total_updates=total)
 
 
-def build_network(cfg: RunConfig, num_classes: int):
-    """The run's network (architecture and the layer options of its recipe), not initialized."""
+def build_network(cfg: RunConfig, num_classes: int, ctx_list: Sequence[mx.Context] = ()):
+    """The run's network (architecture and the layer options of its recipe), not initialized.
+    oneDNN's fast paths (cpu_layers) only when every device of `ctx_list` is a CPU."""
     opts = models.LayerOptions(activation=cfg.activation, bn_scale=cfg.bn_scale, bn_momentum=cfg.bn_momentum,
-                               bn_eps=cfg.bn_eps, dirac_init=cfg.arch in models.LAYOUTS)
+                               bn_eps=cfg.bn_eps, dirac_init=cfg.arch in models.LAYOUTS,
+                               cpu_fast_paths=all(c.device_type == "cpu" for c in ctx_list))
     return models.build_vgg(cfg.arch, num_classes, width=cfg.width, batch_norm=cfg.batch_norm,
                             fc_units=cfg.fc_units, dropout=cfg.dropout, opts=opts,
                             in_channels=data_mod.num_channels(cfg.dataset))
