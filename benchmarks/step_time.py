@@ -9,11 +9,13 @@
 the next multiple of 16 (cpu_layers.ZeroPaddedConv2D), i.e. on oneDNN's AVX2 kernels.
 
 Fast-training layer options (BN without scale, momentum 0.4, identity init), Nesterov; 3 warm-up
-steps, then the mean of 10. Prints ms/step, img/s and the load average (the machine is shared).
+steps, then the mean of 10. Prints the CPU's vector flags, ms/step, img/s and the load average
+(the machine is shared).
 """
 import sys
 import time
 
+from vgg_gluon import _env
 from vgg_gluon import models as M  # thread settings before mxnet (vgg_gluon.runtime)
 
 mx = M.mx
@@ -53,6 +55,9 @@ def main(argv):
     mx.nd.waitall()
     dt = (time.time() - t) / n
     load = " ".join(open("/proc/loadavg").read().split()[:3])
+    flags = next((line.split()[2:] for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    print("cpu flags (avx*/fma):", " ".join(f for f in flags if f.startswith(("avx", "fma"))),
+          "| oneDNN AVX-512:", _env.onednn_uses_avx512())
     print(f"{arch} x{width} {act} batch {bs} {ch} ch {side} px: {dt * 1000:.0f} ms/step {bs / dt:.0f} img/s "
           f"(load {load})")
 
