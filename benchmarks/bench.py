@@ -118,16 +118,15 @@ class MXWorker:
                 amp.init(target_dtype="bfloat16")
             self._amp_bf16 = True
         if a.get("net") == "fast3":
-            # The CIFAR-10 default recipe's network and step (experiments/cifar10.yaml) on CIFAR-10;
+            # The CIFAR-10 default recipe's network and step (config.RECIPES, = experiments/cifar10.yaml);
             # no lookahead (the timed loop has no after-step hook) and no label smoothing (the
-            # loop would need the smoothed targets): both are a small share of a step.
-            cfg = RunConfig(dataset="cifar10", arch="fast3", width=0.5, batch_norm=True, activation="gelu",
-                            bn_scale=False, bn_momentum=0.6, bn_eps=1e-12, whiten=True,
-                            image_size=None if a["size"] == 32 else a["size"], batch_size=a["batch"],
-                            optimizer="nag", lr=1.5, lr_base_batch=1024, momentum=0.85, wd=0.00133,
-                            bias_lr_mult=64, no_wd_bias=True, lr_schedule="linear", warmup_epochs=1, epochs=100,
-                            augment_crop=2, augment_pad="reflect", augment_flip=True, alternate_flip=True,
-                            seed=42, ctx=a.get("ctx", "cpu"), hybridize=True)
+            # loop would need the smoothed targets): both are a small share of a step; evaluation
+            # without TTA, as for vgg11.
+            from vgg_gluon.config import RECIPES
+            cfg = RunConfig(**{**RECIPES["cifar10"], "dataset": "cifar10", "lookahead": False, "label_smoothing": 0.0,
+                               "image_size": None if a["size"] == 32 else a["size"], "batch_size": a["batch"],
+                               "warmup_epochs": 1, "epochs": 100, "eval_tta": "none", "seed": 42,
+                               "ctx": a.get("ctx", "cpu"), "hybridize": True})
         else:
             cfg = RunConfig(dataset="fashion-mnist", arch="vgg11", width=0.25, batch_norm=a["bn"],
                             fc_units=a.get("fc_units"), image_size=None if a["size"] == 32 else a["size"],
