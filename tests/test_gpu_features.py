@@ -1,27 +1,84 @@
 """GPU-oriented options (--amp, --dtype float16) exercised as far as a CPU allows."""
+import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 from click.testing import CliRunner
 from conftest import tiny_args
 
-from vgg_gluon import cli
+from vgg_gluon import _env, cli
 from vgg_gluon.config import RunConfig
 
 TINY = tiny_args(train_limit=128, epochs=1)
 
 
-def test_float16_and_amp_on_cpu_are_one_line_errors(tmp_path, cli_env):
-    for flag in (["--dtype", "float16"], ["--amp"]):
-        r = CliRunner().invoke(cli.main, ["train", *TINY, "--ctx", "cpu", "--output-dir", str(tmp_path), *flag])
-        assert r.exit_code == 1, r.output
-        assert "needs a GPU" in r.output and "Traceback" not in r.output
+def test_float16_and_amp_on_cpu_are_one_line_errors(tmp_path, cli_env, monkeypatch):
+    """float16 needs a GPU; --amp on a CPU means bfloat16, refused without bfloat16 kernels and,
+    where it measured slower, with BatchNorm (TINY has BatchNorm)."""
+    from vgg_gluon import _env
+    r = CliRunner().invoke(cli.main, ["train", *TINY, "--ctx", "cpu", "--output-dir", str(tmp_path),
+                                      "--dtype", "float16"])
+    assert r.exit_code == 1 and "needs a GPU" in r.output and "Traceback" not in r.output, r.output
+    for has_bf16, words in ((False, "needs a CPU with AVX512-BF16"), (True, "slower with BatchNorm")):
+        monkeypatch.setattr(_env, "onednn_has_bf16", lambda has=has_bf16: has)
+        r = CliRunner().invoke(cli.main, ["train", *TINY, "--ctx", "cpu", "--output-dir", str(tmp_path), "--amp"])
+        assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+    assert not list(tmp_path.iterdir())  # nothing was started
+
+
+@pytest.mark.skipif(not _env.onednn_has_bf16(), reason="this CPU has no AVX512-BF16 (bfloat16 AMP is refused here)")
+def test_bfloat16_amp_on_a_cpu_trains_and_resumes_exactly(tmp_path, cli_env):
+    """`--amp` on a CPU with AVX512-BF16, a network without BatchNorm: the convolutions run in
+    bfloat16 (the losses differ from float32's, a little), no loss scaling, and a run killed after
+    its first checkpoint and resumed ends with the weights of the uninterrupted one. In
+    subprocesses: amp.init patches MXNet's operators for the rest of a process."""
+    import mxnet as mx
+    import numpy as np
+
+    from vgg_gluon import checkpoint as ck
+    from vgg_gluon import report
+
+    args = [*tiny_args(train_limit=128, epochs=2), "--no-batch-norm", "--lr", "0.02", "--ctx", "cpu",
+            "--output-dir", str(tmp_path)]
+
+    def cli_run(*more, crash=None):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        if crash:
+            env["VGG_GLUON_CRASH_AT"] = crash
+        return subprocess.run([sys.executable, "-m", "vgg_gluon", *more], env=env, capture_output=True,
+                              text=True, timeout=300)
+
+    for name, more in (("fp32", []), ("bf16", ["--amp"])):
+        r = cli_run("train", *args, "--name", name, *more)
+        assert r.returncode == 0, r.stderr[-2000:]
+    r = cli_run("train", *args, "--name", "part", "--amp", crash="after-pointer@1")
+    assert r.returncode != 0  # killed once epoch 1 was committed
+    r = cli_run("resume", str(tmp_path / "part"))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    def history(name):
+        return report.read_history(tmp_path / name / "history.csv")
+
+    def weights(name):
+        c = ck.select_checkpoint(tmp_path / name, "last")
+        return {k: v.asnumpy() for k, v in mx.nd.load(str(c.file(ck.PARAMS))).items()}
+
+    fp32, bf16, part = history("fp32"), history("bf16"), history("part")
+    assert [h["epoch"] for h in part] == [1, 2]
+    assert bf16[0]["train_loss"] != fp32[0]["train_loss"]                      # bfloat16 did compute
+    assert bf16[0]["train_loss"] == pytest.approx(fp32[0]["train_loss"], rel=0.05)  # and close to float32
+    for a, b in zip(bf16, part):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+    wb, wp = weights("bf16"), weights("part")
+    assert all(v.dtype == np.float32 for v in wb.values())  # float32 weights in the checkpoint
+    for k in wb:
+        np.testing.assert_allclose(wb[k], wp[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_amp_with_float16_dtype_is_refused(tmp_path, cli_env):
-    import pytest
-
     from vgg_gluon.config import ConfigError
     with pytest.raises(ConfigError, match="amp keeps float32 weights"):
         RunConfig(amp=True, dtype="float16").validate()

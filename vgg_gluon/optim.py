@@ -1,6 +1,7 @@
 """The optimizer of a run: its parameters, the learning-rate schedule (linear warmup, then
 constant / step / cosine / linear, per iteration) and the Trainer, the same for one device, several
-devices and the workers of a parameter server.
+devices and the workers of a parameter server; and its precision (`--amp`: MXNet AMP, float16
+with dynamic loss scaling on GPUs, bfloat16 on CPUs).
 
 gluoncv's `LRScheduler` and `LRSequential` compute the shapes; `PhaseScheduler` only makes a phase
 of a single iteration (or less) well defined, where gluoncv divides by zero (`cos(pi * T / N)`
@@ -73,6 +74,28 @@ def optimizer_params(cfg: RunConfig, iters_per_epoch: int, schedule=None) -> Dic
     return params
 
 
+def amp_dtype(ctx_list) -> str:
+    """What `--amp` computes in: float16 on GPUs (with dynamic loss scaling), bfloat16 on CPUs
+    (oneDNN's AVX512-BF16 kernels; float32's exponent range, so no loss scaling)."""
+    return "bfloat16" if ctx_list[0].device_type == "cpu" else "float16"
+
+
+def init_amp(target_dtype: str = "float16", target_precision_ops=None) -> None:
+    """MXNet AMP: patch the operator namespaces to `target_dtype` (once per process, before any
+    network is built).
+
+    target_precision_ops=[] keeps every operator in float32 while the rest of AMP (loss scaling,
+    overflow checks, skipped steps) stays active: how the tests exercise float16 AMP on a CPU,
+    which has no float16 matrix products."""
+    from mxnet.contrib import amp
+    if not getattr(amp.amp, "_amp_initialized", False):
+        amp.init(target_dtype=target_dtype, target_precision_ops=target_precision_ops)
+        _amp_state["dtype"] = target_dtype
+
+
+_amp_state = {"dtype": None}  # what this process's amp.init patched the operators to
+
+
 def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, *, schedule=None, trainer_cls=None,
                  **trainer_kwargs):
     """The run's Trainer (gluon.Trainer, or a subclass such as distributed.DistTrainer), with AMP's
@@ -81,7 +104,7 @@ def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, *, schedule=None, tr
     trainer_kwargs.setdefault("kvstore", cfg.kvstore)
     trainer = (trainer_cls or gluon.Trainer)(net.collect_params(), cfg.optimizer,
                                              optimizer_params(cfg, iters_per_epoch, schedule), **trainer_kwargs)
-    if cfg.amp:
+    if cfg.amp and _amp_state["dtype"] != "bfloat16":  # bfloat16 has float32's range: no scaling
         from mxnet.contrib import amp
         amp.init_trainer(trainer)  # dynamic loss scaling; skips steps whose gradients overflow
     return trainer

@@ -14,23 +14,12 @@ from vgg_gluon import data as data_mod
 from vgg_gluon import models
 from vgg_gluon.config import RunConfig
 from vgg_gluon.errors import mxnet_error_reason
-from vgg_gluon.optim import make_trainer, set_param_multipliers
+from vgg_gluon.optim import amp_dtype, init_amp, make_trainer, set_param_multipliers  # noqa: F401
 from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
 
 log = logging.getLogger(__name__)
 mx = import_mxnet()
 from mxnet import gluon  # noqa: E402  (after the checked import above)
-
-
-def init_amp(target_precision_ops=None) -> None:
-    """MXNet AMP: patch the operator namespaces to float16 (once, before any network is built).
-
-    target_precision_ops=[] keeps every operator in float32 while the rest of AMP (loss scaling,
-    overflow checks, skipped steps) stays active: how the tests exercise AMP on a CPU, which has
-    no float16 matrix products."""
-    from mxnet.contrib import amp
-    if not getattr(amp.amp, "_amp_initialized", False):
-        amp.init(target_dtype="float16", target_precision_ops=target_precision_ops)
 
 
 def input_dtype(net) -> str:
@@ -90,8 +79,8 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     seed_everything(cfg.seed)
     from vgg_gluon import distributed  # a dist kvstore joins the parameter server: rank, workers
     dist = distributed.create(cfg.kvstore) if train and distributed.wanted(cfg.kvstore) else None
-    if cfg.amp:
-        init_amp()  # before the network is built
+    if cfg.amp and train:  # before the network is built; evaluation alone runs in float32
+        init_amp(amp_dtype(ctx_list))
     if dataset is None:
         dataset = data_mod.load_dataset(
             cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None, train_limit=cfg.train_limit,
@@ -112,15 +101,24 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
 
 
 def _check_devices(cfg: RunConfig, ctx_list, train: bool) -> None:
-    """What the devices cannot do: fewer samples per step than devices, float16 on a CPU."""
+    """What the devices cannot do: fewer samples per step than devices, float16 on a CPU, and
+    bfloat16 AMP on a CPU without bfloat16 kernels or, where it measured slower, with BatchNorm."""
+    from vgg_gluon.config import ConfigError, SettingError
     if train and cfg.batch_size < len(ctx_list):
-        from vgg_gluon.config import SettingError
         raise SettingError("batch_size", f"must be at least the number of devices ({len(ctx_list)}), "
                                          f"got {cfg.batch_size}", ("ctx",))
-    if (cfg.amp or cfg.dtype == "float16") and any(c.device_type == "cpu" for c in ctx_list):
-        from vgg_gluon.config import ConfigError
-        raise ConfigError(f"{'--amp' if cfg.amp else '--dtype float16'} needs a GPU (--ctx gpu:0): MXNet has no "
-                          "float16 matrix products on CPU; train in float32 there")
+    on_cpu = any(c.device_type == "cpu" for c in ctx_list)
+    if cfg.dtype == "float16" and on_cpu:
+        raise ConfigError("--dtype float16 needs a GPU (--ctx gpu:0): MXNet has no float16 matrix products on "
+                          "CPU; train in float32 there, or with --amp (bfloat16) on a CPU with AVX512-BF16")
+    if cfg.amp and on_cpu and train:
+        from vgg_gluon import _env
+        if not _env.onednn_has_bf16():
+            raise ConfigError("--amp on a CPU trains in bfloat16, which needs a CPU with AVX512-BF16 (this one has "
+                              "none): use a GPU (--ctx gpu:0), or train in float32 without --amp")
+        if cfg.batch_norm:
+            raise ConfigError("--amp on a CPU (bfloat16) is slower with BatchNorm (0.72-0.80x float32, "
+                              "benchmarks/README.md): train in float32 without --amp, or use --no-batch-norm")
 
 
 def _place_network(s: Session, params_source) -> None:
