@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -163,30 +160,3 @@ def test_a_quick_trial_smaller_than_the_recipes_batch_takes_one_batch():
     assert resolve_config(None, {"train_limit": 128, "batch_size": 256}).batch_size == 256
     assert resolve_config(None, {"train_limit": 5000}).batch_size == 512
 
-
-def test_several_cpu_contexts_get_scratch_buffers_of_their_own(monkeypatch):
-    from vgg_gluon import _env
-    from vgg_gluon.runtime import resolve_ctx
-    monkeypatch.delenv("MXNET_CPU_TEMP_COPY", raising=False)
-    assert len(resolve_ctx("cpu:0")) == 1
-    assert "MXNET_CPU_TEMP_COPY" not in os.environ  # one context: nothing to share
-    assert len(resolve_ctx("cpu:0,1")) == 2
-    assert os.environ["MXNET_CPU_TEMP_COPY"] == str(_env.CPU_TEMP_COPIES)
-    monkeypatch.setenv("MXNET_CPU_TEMP_COPY", "8")
-    resolve_ctx("cpu:0,1")
-    assert os.environ["MXNET_CPU_TEMP_COPY"] == "8"  # the user's value wins
-
-
-def test_mxnet_reads_the_scratch_setting_at_its_first_computation_not_at_import(tmp_path):
-    """What share_cpu_scratch rests on: a value set after `import mxnet` still counts. Zero buffers
-    make MXNet divide by zero at the first operator that asks for scratch space."""
-    script = tmp_path / "late.py"
-    script.write_text(
-        "import os\nimport mxnet as mx\nos.environ['MXNET_CPU_TEMP_COPY'] = '0'\n"
-        "x = mx.nd.ones((1, 3, 8, 8))\n"
-        "y = mx.nd.Convolution(x, mx.nd.ones((4, 3, 3, 3)), kernel=(3, 3), num_filter=4, no_bias=True)\n"
-        "y.wait_to_read()\nprint('not read')\n")
-    env = {k: v for k, v in os.environ.items() if k != "MXNET_CPU_TEMP_COPY"}
-    env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "not read" not in r.stdout, (r.returncode, r.stdout, r.stderr[-500:])

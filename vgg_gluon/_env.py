@@ -86,25 +86,6 @@ def onednn_has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-CPU_TEMP_COPIES = 64
-
-
-def share_cpu_scratch(n_cpu_contexts: int) -> None:
-    """Before a run on several CPU contexts (``--ctx cpu:0,1``): enough scratch buffers for them
-    to compute side by side.
-
-    All CPU contexts draw their scratch memory from one pool of ``MXNET_CPU_TEMP_COPY`` buffers
-    (4 by default), and two operators that drew the same buffer wait for each other, so two
-    replicas took turns: 1.13 cores busy, against 1.80 with 64 buffers and 1.28x the images per
-    second (benchmarks/README.md, "Levers"). One context gains nothing from more buffers (it
-    uses them one at a time), so this is only for several. MXNet reads the variable when its
-    resource manager starts, at the first computation of the process (not at import), so call
-    it before anything computes; the user's own value wins.
-    """
-    if n_cpu_contexts > 1:
-        os.environ.setdefault("MXNET_CPU_TEMP_COPY", str(CPU_TEMP_COPIES))
-
-
 def configure() -> None:
     """Fill in MXNet/OpenMP defaults; the user's own environment variables are left untouched."""
     want = os.environ.get("VGG_GLUON_THREADS", "auto")

@@ -99,11 +99,8 @@ def num_gpus() -> int:
 
 def resolve_ctx(spec: str) -> list:
     """Turn a --ctx string into a list of mx.Context, checking that the GPUs exist."""
-    names = parse_ctx(spec)
-    if names[0].startswith("cpu:"):
-        from vgg_gluon import _env
-        _env.share_cpu_scratch(len(names))  # before MXNet's first computation reads it
     mx = import_mxnet()
+    names = parse_ctx(spec)
     if names == ["auto"]:
         n = num_gpus()
         return [mx.gpu(i) for i in range(n)] if n else [mx.cpu(0)]
