@@ -54,6 +54,8 @@ def test_bfloat16_amp_on_a_cpu_trains_and_resumes_exactly(tmp_path, cli_env):
     for name, more in (("fp32", []), ("bf16", ["--amp"])):
         r = cli_run("train", *args, "--name", name, *more)
         assert r.returncode == 0, r.stderr[-2000:]
+    header = (tmp_path / "bf16" / "train.log").read_text().splitlines()[0]
+    assert "ctx cpu:0 (1 thread), AMP bfloat16," in header, header
     r = cli_run("train", *args, "--name", "part", "--amp", crash="after-pointer@1")
     assert r.returncode != 0  # killed once epoch 1 was committed
     r = cli_run("resume", str(tmp_path / "part"))

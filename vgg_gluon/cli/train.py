@@ -199,6 +199,14 @@ def _cpu_threads(ctx_list) -> str:
     return ""
 
 
+def _precision(session) -> str:
+    """', AMP bfloat16' (or float16, or ', float16 weights') when a run does not train in float32."""
+    if session.cfg.amp:
+        from vgg_gluon.optim import amp_dtype
+        return f", AMP {amp_dtype(session.ctx_list)}"
+    return ", float16 weights" if session.cfg.dtype == "float16" else ""
+
+
 def _announce(session, run_dir: Path, console: Console, start_epoch: int) -> None:
     """The run's first line (the data's folder is named: the user sees which copy trains), the
     graph for TensorBoard, the note on how 'best' is chosen, the JSON start event."""
@@ -206,7 +214,7 @@ def _announce(session, run_dir: Path, console: Console, start_epoch: int) -> Non
     cfg, ds = session.cfg, session.dataset
     console.line(f"run {run_dir}: {cfg.dataset} from {ds.source} ({len(ds.train.labels)} train / "
                  f"{len(ds.test.labels)} test), {session.net.describe()}, input {tuple(session.input_shape)}, "
-                 f"ctx {ctx_string(session.ctx_list)}{_cpu_threads(session.ctx_list)}, "
+                 f"ctx {ctx_string(session.ctx_list)}{_cpu_threads(session.ctx_list)}{_precision(session)}, "
                  f"epochs {start_epoch + 1}..{cfg.epochs}")
     if console.tb is not None:
         console.tb.graph(session.net, session.input_shape)
