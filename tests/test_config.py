@@ -159,4 +159,3 @@ def test_a_quick_trial_smaller_than_the_recipes_batch_takes_one_batch():
     assert resolve_config(None, {"train_limit": 128}).batch_size == 128
     assert resolve_config(None, {"train_limit": 128, "batch_size": 256}).batch_size == 256
     assert resolve_config(None, {"train_limit": 5000}).batch_size == 512
-

@@ -17,7 +17,6 @@ TINY = tiny_args(train_limit=128, epochs=1)
 def test_float16_and_amp_on_cpu_are_one_line_errors(tmp_path, cli_env, monkeypatch):
     """float16 needs a GPU; --amp on a CPU means bfloat16, refused without bfloat16 kernels and,
     where it measured slower, with BatchNorm (TINY has BatchNorm)."""
-    from vgg_gluon import _env
     r = CliRunner().invoke(cli.main, ["train", *TINY, "--ctx", "cpu", "--output-dir", str(tmp_path),
                                       "--dtype", "float16"])
     assert r.exit_code == 1 and "needs a GPU" in r.output and "Traceback" not in r.output, r.output

@@ -74,6 +74,9 @@ def optimizer_params(cfg: RunConfig, iters_per_epoch: int, schedule=None) -> Dic
     return params
 
 
+_amp_state = {"dtype": None}  # what this process's amp.init patched the operators to
+
+
 def amp_dtype(ctx_list) -> str:
     """What `--amp` computes in: float16 on GPUs (with dynamic loss scaling), bfloat16 on CPUs
     (oneDNN's AVX512-BF16 kernels; float32's exponent range, so no loss scaling)."""
@@ -91,9 +94,6 @@ def init_amp(target_dtype: str = "float16", target_precision_ops=None) -> None:
     if not getattr(amp.amp, "_amp_initialized", False):
         amp.init(target_dtype=target_dtype, target_precision_ops=target_precision_ops)
         _amp_state["dtype"] = target_dtype
-
-
-_amp_state = {"dtype": None}  # what this process's amp.init patched the operators to
 
 
 def make_trainer(net, cfg: RunConfig, iters_per_epoch: int, *, schedule=None, trainer_cls=None,

@@ -14,7 +14,7 @@ from vgg_gluon import data as data_mod
 from vgg_gluon import models
 from vgg_gluon.config import RunConfig
 from vgg_gluon.errors import mxnet_error_reason
-from vgg_gluon.optim import amp_dtype, init_amp, make_trainer, set_param_multipliers  # noqa: F401
+from vgg_gluon.optim import amp_dtype, init_amp, make_trainer, set_param_multipliers
 from vgg_gluon.runtime import ctx_string, import_mxnet, resolve_ctx, seed_everything
 
 log = logging.getLogger(__name__)
