@@ -17,7 +17,7 @@ from vgg_gluon.errors import UserError
 
 DATASETS = ("fashion-mnist", "cifar10")
 ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "fast3", "fast3s")  # = models.VGG_SPECS (a test checks)
-OPTIMIZERS = ("sgd", "nag", "adam")
+OPTIMIZERS = ("sgd", "nag", "adam", "muon")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 ACTIVATIONS = ("relu", "gelu")
 TTA_MODES = ("none", "flip", "flip-translate")
@@ -156,7 +156,11 @@ class RunConfig:
                                   group="optim")
     no_wd_bias: bool = setting(False, "No weight decay on BatchNorm and bias parameters.", group="optim",
                                option="--no-wd-bias")
-    momentum: float = setting(0.9, "Momentum for sgd/nag.", group="optim")
+    momentum: float = setting(0.9, "Momentum for sgd/nag (muon: of the parameters other than filters).", group="optim")
+    muon_lr: float = setting(0.24, "--optimizer muon: the convolution filters' peak LR, a step relative to their "
+                             "norm (airbench94_muon: 0.24); the other parameters take NAG at --lr.", group="optim")
+    muon_momentum: float = setting(0.6, "--optimizer muon: the filters' Nesterov momentum (airbench94_muon: 0.6).",
+                                   group="optim")
     wd: float = setting(5e-4, "Weight decay.", group="optim")
     lr_schedule: str = setting("cosine", "Per-iteration schedule after the warmup.", group="optim",
                                choices=SCHEDULES)
@@ -260,6 +264,12 @@ class RunConfig:
         if self.lookahead and self.kvstore == "dist_async":
             raise SettingError("lookahead", "needs one set of weights per step: not with kvstore dist_async",
                                ("kvstore",))
+        if self.optimizer == "muon" and self.kvstore == "dist_async":
+            raise SettingError("optimizer", "muon runs on the workers: not with kvstore dist_async, whose servers "
+                               "run MXNet's own optimizers", ("kvstore",))
+        if self.optimizer == "muon" and self.dtype != "float32":
+            raise SettingError("optimizer", "muon orthogonalizes float32 filters: use it with dtype float32",
+                               ("dtype",))
         if self.alternate_flip and not self.augment_flip:
             raise SettingError("alternate_flip", "changes how images are flipped: use it with augment_flip",
                                ("augment_flip",))
@@ -273,7 +283,7 @@ class RunConfig:
                                "use arch fast3 or fast3s", ("arch",))
         if not self.bn_eps > 0:
             raise SettingError("bn_eps", f"must be positive, got {self.bn_eps}")
-        for name in ("bn_momentum", "lookahead_decay", "lookahead_start", "lr_start", "lr_end"):
+        for name in ("bn_momentum", "muon_momentum", "lookahead_decay", "lookahead_start", "lr_start", "lr_end"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise SettingError(name, f"must be in [0, 1), got {getattr(self, name)}")
         _positive("lookahead_every", self.lookahead_every)
@@ -283,7 +293,7 @@ class RunConfig:
         if self.amp and self.dtype != "float32":
             raise SettingError("amp", "keeps float32 weights and casts per operator: use it with dtype float32",
                                ("dtype",))
-        for name in ("epochs", "batch_size", "lr", "width", "keep_last", "log_interval"):
+        for name in ("epochs", "batch_size", "lr", "muon_lr", "width", "keep_last", "log_interval"):
             _positive(name, getattr(self, name))
         for name in ("fc_units", "train_limit", "test_limit"):
             if getattr(self, name) is not None:

@@ -64,11 +64,14 @@ def set_param_multipliers(net, cfg: RunConfig) -> None:
 
 
 def optimizer_params(cfg: RunConfig, iters_per_epoch: int, schedule=None) -> Dict[str, Any]:
-    """What gluon.Trainer's optimizer gets: weight decay, the schedule, momentum for sgd/nag and,
-    for float16 weights, float32 master weights (multi_precision)."""
+    """What gluon.Trainer's optimizer gets: weight decay, the schedule, momentum for sgd/nag/muon,
+    muon's filter settings and, for float16 weights, float32 master weights (multi_precision)."""
     params: Dict[str, Any] = {"wd": cfg.wd, "lr_scheduler": schedule or make_lr_scheduler(cfg, iters_per_epoch)}
-    if cfg.optimizer in ("sgd", "nag"):
+    if cfg.optimizer in ("sgd", "nag", "muon"):
         params["momentum"] = cfg.momentum
+    if cfg.optimizer == "muon":  # one schedule: the filters' LR is the others' x muon_scale
+        import vgg_gluon.muon  # noqa: F401 - registers "muon" with MXNet
+        params.update(muon_momentum=cfg.muon_momentum, muon_scale=cfg.muon_lr / cfg.effective_lr())
     if cfg.dtype == "float16":
         params["multi_precision"] = True  # float32 master weights and updates
     return params

@@ -22,7 +22,7 @@ _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
 }
 # Optimizer and LR-scheduler classes are admitted by module, but only real subclasses.
-_OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer")
+_OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer", "vgg_gluon.muon")
 _SCHEDULER_MODULES = ("mxnet.lr_scheduler", "gluoncv.utils.lr_scheduler", "vgg_gluon.optim")
 
 
