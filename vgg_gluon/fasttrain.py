@@ -127,6 +127,11 @@ class Lookahead:
         """Call after every optimizer step with the optimizer's update count."""
         if num_update < self.start_update or num_update % self.every:
             return
+        # The hybridized network (static_alloc) writes the BatchNorm statistics in place, and on a
+        # CPU with 2 threads a read here could see them before or after the step's write: two
+        # identical --optimizer muon runs ended with running means 2.5e-4 apart (weights equal).
+        # Waiting for the step makes the averaged statistics deterministic again.
+        mx.nd.waitall()
         if self.slow is None:
             self.slow = [self._current(p).copy() for p in self.params]
             return
@@ -138,6 +143,7 @@ class Lookahead:
     def epoch_end(self) -> None:
         """The network takes the slow weights (before BN statistics are reconciled)."""
         if self.slow is not None:
+            mx.nd.waitall()  # the last step's in-place BatchNorm statistics first (see after_step)
             self._write_back()
 
     def sync_from_net(self) -> None:
