@@ -149,6 +149,8 @@ def _place_network(s: Session, params_source) -> None:
         # different running means in about half of the runs under load, never without
         # static_alloc or with one device. Not traced inside MXNet; the likely cause is that all
         # CPU contexts share one temp-space pool, which GPUs do not, so GPUs keep static_alloc.
+        # Re-checked 2026-12-03, static_alloc forced on: without lookahead 1 pair of 3 differed
+        # (up to 1e-3); with it (it waits for the step every few steps) 0 of 3. Still off.
         static = not (len(ctx_list) > 1 and all(c.device_type == "cpu" for c in ctx_list))
         net.hybridize(static_alloc=static, static_shape=static)
 
