@@ -83,9 +83,8 @@ class Muon(mx.optimizer.NAG):
         state[:] = self.muon_momentum * state + g
         g = g + self.muon_momentum * state  # Nesterov
         out_channels = weight.shape[0]
-        weight[:] = weight * (math.sqrt(out_channels) / (mx.nd.norm(weight) + 1e-12))
         step = newton_schulz(g.reshape((out_channels, -1)), self.ns_steps).reshape(weight.shape)
-        weight[:] = weight - lr * step
+        weight[:] = weight * (math.sqrt(out_channels) / (mx.nd.norm(weight) + 1e-12)) - lr * step
         return None
 
     def update_multi_precision(self, index, weight, grad, state):
