@@ -36,6 +36,40 @@ def _final(run_dir: Path):
     return _arrays(c.file(ck.PARAMS)), _arrays(c.file(fasttrain.LOOKAHEAD_FILE))
 
 
+def _stop_inside_epoch_2_and_resume(args, run_dir: Path, monkeypatch, check_stopped=None) -> None:
+    """Train `args` for 3 epochs into `run_dir`, stopped (as by Ctrl-C) at step 2 of epoch 2 of 4,
+    then resume it to the end; `check_stopped(checkpoint)` looks at the stopped run first."""
+    calls = {"n": 0}
+
+    def stop_after(self):
+        calls["n"] += 1
+        return calls["n"] >= 7  # 4 steps + the epoch-end check + 2 steps of epoch 2
+    monkeypatch.setattr(cli.StopFlag, "__call__", stop_after)
+    monkeypatch.setattr(cli.StopFlag, "signum", 2, raising=False)
+    r = _invoke("train", *args, "--epochs", 3, "--output-dir", run_dir.parent, "--name", run_dir.name)
+    assert r.exit_code == 130, r.output
+    mid = ck.select_checkpoint(run_dir, "last")
+    assert (mid.epoch, mid.step) == (1, 2)
+    if check_stopped is not None:
+        check_stopped(mid)
+    monkeypatch.setattr(cli.StopFlag, "__call__", lambda self: False)
+    r = _invoke("resume", run_dir)
+    assert r.exit_code == 0, r.output
+
+
+def _assert_same_final(full_dir: Path, part_dir: Path):
+    """The last checkpoints of two runs hold the same weights, BN statistics and lookahead state
+    (to float tolerance); returns both runs' parameters."""
+    full_params, full_slow = _final(full_dir)
+    part_params, part_slow = _final(part_dir)
+    assert set(full_params) == set(part_params) and set(full_slow) == set(part_slow)
+    for k in full_params:   # equal to float tolerance (the lost lookahead state is ~1e-3 off)
+        np.testing.assert_allclose(part_params[k], full_params[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in full_slow:
+        np.testing.assert_allclose(part_slow[k], full_slow[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    return full_params, part_params
+
+
 def test_lookahead_whitening_recipe_interrupted_and_resumed_equals_uninterrupted(tmp_path, cli_env, monkeypatch):
     """Stopped inside epoch 2 (step 2 of 4, lookahead state mid-way), resumed: the same weights,
     BN statistics, whitening filters and lookahead state as the run that never stopped."""
@@ -52,30 +86,11 @@ def test_lookahead_whitening_recipe_interrupted_and_resumed_equals_uninterrupted
     log = (tmp_path / "full" / "train.log").read_text()
     assert "test (TTA flip-translate) loss" in log and "done: last epoch (3) test accuracy (TTA flip-translate)" in log
 
-    calls = {"n": 0}
-
-    def stop_after(self):
-        calls["n"] += 1
-        return calls["n"] >= 7  # 4 steps + the epoch-end check + 2 steps of epoch 2
-    monkeypatch.setattr(cli.StopFlag, "__call__", stop_after)
-    monkeypatch.setattr(cli.StopFlag, "signum", 2, raising=False)
-    r = _invoke("train", *gentle, "--epochs", 3, "--output-dir", tmp_path, "--name", "part")
-    assert r.exit_code == 130, r.output
-    mid = ck.select_checkpoint(tmp_path / "part", "last")
-    assert (mid.epoch, mid.step) == (1, 2)
-    slow = _arrays(mid.file(fasttrain.LOOKAHEAD_FILE))
-    assert slow["__started__"][0] == 1.0  # the interruption falls inside the lookahead
-    monkeypatch.setattr(cli.StopFlag, "__call__", lambda self: False)
-    r = _invoke("resume", tmp_path / "part")
-    assert r.exit_code == 0, r.output
-
-    full_params, full_slow = _final(tmp_path / "full")
-    part_params, part_slow = _final(tmp_path / "part")
-    assert set(full_params) == set(part_params) and set(full_slow) == set(part_slow)
-    for k in full_params:   # equal to float tolerance (the lost lookahead state is ~1e-3 off)
-        np.testing.assert_allclose(part_params[k], full_params[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for k in full_slow:
-        np.testing.assert_allclose(part_slow[k], full_slow[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    def inside_the_lookahead(mid):
+        slow = _arrays(mid.file(fasttrain.LOOKAHEAD_FILE))
+        assert slow["__started__"][0] == 1.0  # the interruption falls inside the lookahead
+    _stop_inside_epoch_2_and_resume(gentle, tmp_path / "part", monkeypatch, inside_the_lookahead)
+    full_params, part_params = _assert_same_final(tmp_path / "full", tmp_path / "part")
     # The whitening filters were computed once and never trained.
     stem = next(k for k in full_params if k.endswith("stem.conv.weight"))
     c1 = ck.select_checkpoint(tmp_path / "full", "last")

@@ -4,16 +4,10 @@ and the refusals (tiny nets: seconds each)."""
 import mxnet as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from test_fasttrain import FAST, _final
+from test_fasttrain import FAST, _assert_same_final, _final, _invoke, _stop_inside_epoch_2_and_resume
 
-from vgg_gluon import checkpoint as ck
-from vgg_gluon import cli, muon
+from vgg_gluon import muon
 from vgg_gluon.config import ConfigError, RunConfig
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.mark.parametrize("shape", [(16, 72), (72, 16), (8, 8)])
@@ -88,25 +82,8 @@ def test_muon_with_lookahead_and_whitening_interrupted_and_resumed_equals_uninte
     """Stopped inside epoch 2, resumed: the same weights, filter momentum and lookahead state."""
     r = _invoke("train", *MUON, "--epochs", 3, "--output-dir", tmp_path, "--name", "full")
     assert r.exit_code == 0, r.output
-    calls = {"n": 0}
-
-    def stop_after(self):
-        calls["n"] += 1
-        return calls["n"] >= 7  # 4 steps + the epoch-end check + 2 steps of epoch 2
-    monkeypatch.setattr(cli.StopFlag, "__call__", stop_after)
-    monkeypatch.setattr(cli.StopFlag, "signum", 2, raising=False)
-    r = _invoke("train", *MUON, "--epochs", 3, "--output-dir", tmp_path, "--name", "part")
-    assert r.exit_code == 130, r.output
-    assert (ck.select_checkpoint(tmp_path / "part", "last").step) == 2
-    monkeypatch.setattr(cli.StopFlag, "__call__", lambda self: False)
-    r = _invoke("resume", tmp_path / "part")
-    assert r.exit_code == 0, r.output
-    (full, full_slow), (part, part_slow) = _final(tmp_path / "full"), _final(tmp_path / "part")
-    assert set(full) == set(part)
-    for k in full:
-        np.testing.assert_allclose(part[k], full[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for k in full_slow:
-        np.testing.assert_allclose(part_slow[k], full_slow[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    _stop_inside_epoch_2_and_resume(MUON, tmp_path / "part", monkeypatch)
+    full, _ = _assert_same_final(tmp_path / "full", tmp_path / "part")
     # Every filter bank that trained has the norm Muon keeps (sqrt of its output channels), to the
     # last step's change; the frozen whitening stem kept its own.
     convs = [k for k, v in full.items() if v.ndim == 4 and not k.endswith("stem.conv.weight")]
