@@ -60,6 +60,28 @@ def test_idle_cores_count_steal_time_as_idle(monkeypatch):
     assert _env.idle_cores(0.0) == pytest.approx(200 / 300 * 2)
 
 
+def test_default_threads_take_a_second_look_before_giving_fewer(monkeypatch):
+    """A blip in the first 0.1 s sample must not cost a whole run a thread; a machine busy in
+    both looks gets fewer threads, and an idle one is looked at once."""
+    from vgg_gluon import _env
+    monkeypatch.setattr(_env, "cpu_count", lambda: 2)
+    looks = []
+
+    def fake(samples):
+        def idle_cores(seconds=0.1):
+            looks.append(seconds)
+            return samples[len(looks) - 1]
+        return idle_cores
+    monkeypatch.setattr(_env, "idle_cores", fake([0.9, 2.0]))
+    assert _env.default_threads() == 2 and looks == [0.1, 0.4]
+    looks.clear()
+    monkeypatch.setattr(_env, "idle_cores", fake([0.9, 1.0]))
+    assert _env.default_threads() == 1 and len(looks) == 2
+    looks.clear()
+    monkeypatch.setattr(_env, "idle_cores", fake([1.9]))
+    assert _env.default_threads() == 2 and looks == [0.1]
+
+
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar10_vgg11", "fashion_mnist_vgg11",
                                   "fashion_mnist_fast3", "cifar10_fast3", "d2l_vgg11_224"])
 def test_shipped_experiments_are_valid(name):

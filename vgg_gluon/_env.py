@@ -49,6 +49,12 @@ def default_threads() -> int:
     idle = idle_cores()
     if idle < 0:
         return cores
+    if int(idle + 0.25) < cores:
+        # A second, longer look before a whole run gets fewer threads: a 0.1 s sample that caught
+        # a blip (a process still exiting, a shell starting) gave a 30-minute run 1 thread on an
+        # otherwise idle 2-core machine, 180 s epochs instead of ~95 (2026-12-03). Only busy
+        # machines pay the extra 0.4 s.
+        idle = max(idle, idle_cores(0.4))
     return max(1, min(cores, int(idle + 0.25)))
 
 
