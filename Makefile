@@ -87,7 +87,8 @@ lint: venv
 
 # Throughput vs PyTorch (benchmarks/README.md); BENCH=tta|memory|syncs|threads|levers|onednn|peak for the others.
 # BENCH=tta is time to accuracy: ARGS="--config experiments/cifar10.yaml --seeds 0,1,2" (benchmarks/tta.py).
-bench: venv $(if $(filter tta,$(BENCH)),data,data-fashion-mnist)
+# BENCH=airbench runs the reference airbench94 (PyPI, PyTorch) on this CIFAR-10 copy: ARGS="--seed 0 [--width 0.5]".
+bench: venv $(if $(filter tta airbench,$(BENCH)),data,data-fashion-mnist)
 	$(MAKE) -C benchmarks $(or $(BENCH),throughput) PYTHON=$(PYTHON) ARGS='$(ARGS)'
 
 clean:
