@@ -21,8 +21,10 @@ flip-translate TTA, total_time_seconds = training time without evaluation) and o
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -70,8 +72,7 @@ def _patch_for_cpu():
 
 
 def _write_data(folder: Path, data_dir) -> str:
-    sys.path.insert(0, str(ROOT))
-    from vgg_gluon.data import load_dataset  # noqa: E402 (the project's reader of the JPEG copy)
+    from vgg_gluon.data import load_dataset  # the project's reader (installed in benchmarks/.venv)
     ds = load_dataset("cifar10", data_dir, download=False)
     folder.mkdir(parents=True, exist_ok=True)
     for split, name in ((ds.train, "train.pt"), (ds.test, "test.pt")):
@@ -98,6 +99,8 @@ def main() -> int:
     import airbench.utils as au
     from airbench.lib_airbench94 import hyp, make_net94
 
+    from vgg_gluon.errors import UserError
+
     class CpuLoader(au.CifarLoader):
         def __init__(self, path, train=True, batch_size=500, aug=None, drop_last=None,
                      shuffle=None, altflip=False, gpu=0):
@@ -108,26 +111,34 @@ def main() -> int:
     au.CifarLoader = CpuLoader  # train() builds its test loader through this name
 
     work = Path(tempfile.mkdtemp(prefix="airbench_ref_"))
-    source = _write_data(work / "cifar10", args.data_dir)
-    os.chdir(work)
-    widths = {k: max(1, int(round(v * args.width))) for k, v in hyp["net"]["widths"].items()}
-    print(f"airbench {getattr(airbench, '__version__', '0.1.8')} | torch {torch.__version__} | "
-          f"threads {torch.get_num_threads()} | data {source} | widths {widths} | "
-          f"epochs {args.epochs} | seed {args.seed}", flush=True)
+    try:
+        try:
+            source = _write_data(work / "cifar10", args.data_dir)
+        except UserError as e:  # no CIFAR-10 copy: `make data` (or `make bench BENCH=airbench`) prepares it
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        os.chdir(work)
+        widths = {k: max(1, int(round(v * args.width))) for k, v in hyp["net"]["widths"].items()}
+        print(f"airbench {importlib.metadata.version('airbench')} | torch {torch.__version__} | "
+              f"threads {torch.get_num_threads()} | data {source} | widths {widths} | "
+              f"epochs {args.epochs} | seed {args.seed}", flush=True)
 
-    torch.manual_seed(args.seed)
-    loader = CpuLoader("cifar10", train=True, batch_size=hyp["opt"]["batch_size"],
-                       aug=hyp["aug"], altflip=True)
-    t0 = time.perf_counter()
-    model = airbench.train94(loader, epochs=args.epochs, make_net=lambda: make_net94(widths=widths),
-                             run=args.seed, verbose=True)
-    wall = time.perf_counter() - t0
-    test = CpuLoader("cifar10", train=False, batch_size=2000)
-    acc = au.evaluate(model, test, tta_level=0)
-    acc_tta = au.evaluate(model, test, tta_level=2)
-    print(json.dumps({"seed": args.seed, "width": args.width, "epochs": args.epochs,
-                      "test_acc": round(100 * acc, 2), "test_acc_tta": round(100 * acc_tta, 2),
-                      "wall_s": round(wall, 1), "data": source}), flush=True)
+        torch.manual_seed(args.seed)
+        loader = CpuLoader("cifar10", train=True, batch_size=hyp["opt"]["batch_size"],
+                           aug=hyp["aug"], altflip=True)
+        t0 = time.perf_counter()
+        model = airbench.train94(loader, epochs=args.epochs, make_net=lambda: make_net94(widths=widths),
+                                 run=args.seed, verbose=True)
+        wall = time.perf_counter() - t0
+        test = CpuLoader("cifar10", train=False, batch_size=2000)
+        acc = au.evaluate(model, test, tta_level=0)
+        acc_tta = au.evaluate(model, test, tta_level=2)
+        print(json.dumps({"seed": args.seed, "width": args.width, "epochs": args.epochs,
+                          "test_acc": round(100 * acc, 2), "test_acc_tta": round(100 * acc_tta, 2),
+                          "wall_s": round(wall, 1), "data": source}), flush=True)
+    finally:
+        os.chdir(ROOT)
+        shutil.rmtree(work, ignore_errors=True)  # the data copies: ~180 MB
     return 0
 
 
