@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vgg_gluon._env import cpu_count  # affinity-aware, as the product counts cores
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -88,7 +90,7 @@ def main() -> int:
     ap.add_argument("--width", type=float, default=1.0,
                     help="multiplies airbench94's widths 64/256/256 (0.5: the CIFAR-10 default's)")
     ap.add_argument("--epochs", type=float, default=9.9, help="airbench94's own: 9.9")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, default=cpu_count(), help="default: the cores this process may use")
     ap.add_argument("--data-dir", default=None)
     args = ap.parse_args()
 
@@ -112,11 +114,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="airbench_ref_"))
     try:
-        try:
-            source = _write_data(work / "cifar10", args.data_dir)
-        except UserError as e:  # no CIFAR-10 copy: `make data` (or `make bench BENCH=airbench`) prepares it
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        source = _write_data(work / "cifar10", args.data_dir)
         os.chdir(work)
         widths = {k: max(1, int(round(v * args.width))) for k, v in hyp["net"]["widths"].items()}
         print(f"airbench {importlib.metadata.version('airbench')} | torch {torch.__version__} | "
@@ -136,6 +134,9 @@ def main() -> int:
         print(json.dumps({"seed": args.seed, "width": args.width, "epochs": args.epochs,
                           "test_acc": round(100 * acc, 2), "test_acc_tta": round(100 * acc_tta, 2),
                           "wall_s": round(wall, 1), "data": source}), flush=True)
+    except UserError as e:  # no CIFAR-10 copy: `make data` (or `make bench BENCH=airbench`) prepares it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         os.chdir(ROOT)
         shutil.rmtree(work, ignore_errors=True)  # the data copies: ~180 MB
