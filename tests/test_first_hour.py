@@ -186,6 +186,20 @@ def test_validation_best_is_labelled_everywhere(tmp_path, cli_env):
     assert (row["best_split"], row["best_epoch"]) == ("val", best["epoch"])
     r = invoke_cli("evaluate", run, "--json")
     assert json.loads(r.output)["epoch"] == best["epoch"]
+    # the validation split again, from the command line: the same images, the same accuracy
+    r = invoke_cli("evaluate", run, "--which", "last", "--split", "val", "--json")
+    out = json.loads(r.output)
+    assert (out["split"], out["epoch"], out["samples"]) == ("val", 3, 64), out
+    assert out["accuracy"] == pytest.approx(hist[-1]["val_acc"], abs=1e-9)
+    assert "fashion-mnist val (" in invoke_cli("evaluate", run, "--split", "val").output
+
+
+@pytest.mark.parametrize("how", ["run", "params"])
+def test_evaluate_split_val_needs_a_validation_split(run_dir, cli_env, how):
+    target = [run_dir] if how == "run" else ["--params", str(run_dir / "epoch-0002" / "model.params")]
+    r = invoke_cli("evaluate", *target, "--split", "val")
+    assert r.exit_code == 2 and "--split val" in r.output and "--val-split" in r.output, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
 def test_done_line_names_the_split_and_warns_on_test_selection():

@@ -266,16 +266,21 @@ def _infer_from_params(params_path, flags: Dict[str, Any], say: bool = False) ->
 @click.option("--tta", type=choice(TTA_MODES), default=None,
               help="Test-time augmentation: none, flip (image + mirror), flip-translate (also shifted 1 px; "
                    "airbench94). Default: the run's --eval-tta, else none.")
+@click.option("--split", type=choice(["test", "val"]), default="test", show_default=True,
+              help="Which images: the test set, or the validation split of a run trained with --val-split "
+                   "(compare settings there, not on the test set).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @friendly_errors
-def evaluate(run, which, params_path, as_json, tta, **kwargs):
-    """Accuracy (top-1, top-5), loss, per-class accuracy and confusion matrix on the test set
-    (with test-time augmentation if --tta or the run's --eval-tta asks for it).
+def evaluate(run, which, params_path, as_json, tta, split, **kwargs):
+    """Accuracy (top-1, top-5), loss, per-class accuracy and confusion matrix on the test set, or
+    on a run's validation split (with test-time augmentation if --tta or the run's --eval-tta asks
+    for it).
 
     \b
     Examples:
       vgg-gluon evaluate checkpoints/<run>
       vgg-gluon evaluate checkpoints/<run> --which last --json
+      vgg-gluon evaluate checkpoints/<run> --split val --tta flip
       vgg-gluon evaluate --params TinyVGG11.params --dataset cifar10 --arch vgg11
     """
     from vgg_gluon import checkpoint as ck
@@ -284,6 +289,10 @@ def evaluate(run, which, params_path, as_json, tta, **kwargs):
     flags = flag_settings(kwargs)
     if bool(run) == bool(params_path):
         raise click.UsageError("give either a run folder or --params FILE")
+    split = split.lower()
+    if split == "val" and params_path:
+        raise BadUsage("--split val needs a run folder trained with --val-split: a bare .params file has no "
+                       "validation split")
     dataset = None
     if run:
         refused = sorted(set(flags) - EVALUATE_RUN_OVERRIDABLE)
@@ -299,6 +308,9 @@ def evaluate(run, which, params_path, as_json, tta, **kwargs):
             # The run's own normalization: the training split need not be read at all.
             dataset = data_mod.load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None,
                                             test_limit=cfg.test_limit, stats=(prep["mean"], prep["std"]))
+        if split == "val" and not cfg.val_split:
+            raise BadUsage(f"--split val: {run} was trained without --val-split, so it has no validation split "
+                           f"(train with --val-split 0.1 to compare settings without the test set)")
         source, epoch = c, c.epoch
     else:
         if not Path(params_path).is_file():
@@ -310,14 +322,16 @@ def evaluate(run, which, params_path, as_json, tta, **kwargs):
     if params_path:
         click.echo(session.foreign_report.message, err=True)
     tta = (tta or cfg.eval_tta).lower()
-    result = engine.evaluate(session.net, session.eval_loader, session.num_classes, tta=tta)
-    print_evaluation(source, epoch, cfg, result, list(session.dataset.classes), as_json)
+    loader = session.val_loader if split == "val" else session.eval_loader
+    result = engine.evaluate(session.net, loader, session.num_classes, tta=tta)
+    print_evaluation(source, epoch, cfg, result, list(session.dataset.classes), as_json, split)
 
 
-def print_evaluation(source, epoch, cfg: RunConfig, result: Dict[str, Any], classes, as_json: bool) -> None:
+def print_evaluation(source, epoch, cfg: RunConfig, result: Dict[str, Any], classes, as_json: bool,
+                     split: str = "test") -> None:
     """The evaluate command's table or JSON object."""
     counts = [int(sum(row)) for row in result["confusion"]]
-    out = {"source": str(source.path if hasattr(source, "path") else source), "epoch": epoch, "split": "test",
+    out = {"source": str(source.path if hasattr(source, "path") else source), "epoch": epoch, "split": split,
            "dataset": cfg.dataset, "arch": cfg.arch, "tta": result.get("tta", "none"),
            "accuracy": result["acc"], "top5_accuracy": result["top5_acc"],
            "top_k": result["top_k"], "loss": result["loss"], "samples": result["samples"],
@@ -329,7 +343,7 @@ def print_evaluation(source, epoch, cfg: RunConfig, result: Dict[str, Any], clas
         return
     click.echo(f"{out['source']}" + (f" (epoch {epoch})" if epoch is not None else ""))
     tta = out["tta"]
-    click.echo(f"{cfg.dataset} test ({'no TTA' if tta == 'none' else 'TTA ' + tta}): accuracy {result['acc']:.4f}  "
+    click.echo(f"{cfg.dataset} {split} ({'no TTA' if tta == 'none' else 'TTA ' + tta}): accuracy {result['acc']:.4f}  "
                f"top-{result['top_k']} {result['top5_acc']:.4f}  "
                f"loss {result['loss']:.4f}  {result['samples']} images  {result['img_per_s']:,.0f} img/s")
     click.echo("\nper-class accuracy:")
