@@ -303,14 +303,14 @@ def evaluate(run, which, params_path, as_json, tta, split, **kwargs):
         c = ck.select_checkpoint(Path(run), which.lower())
         meta = c.meta()
         cfg = apply_flags(RunConfig.from_dict(meta["config"], f"{c.path}/meta.json"), flags, f"{c.path}/meta.json")
+        if split == "val" and not cfg.val_split:
+            raise BadUsage(f"--split val: {run} was trained without --val-split, so it has no validation split "
+                           f"(train with --val-split 0.1 to compare settings without the test set)")
         prep = meta.get("preprocessing") or {}
         if prep.get("mean") and prep.get("std") and not cfg.val_split:
             # The run's own normalization: the training split need not be read at all.
             dataset = data_mod.load_dataset(cfg.dataset, Path(cfg.data_dir) if cfg.data_dir else None,
                                             test_limit=cfg.test_limit, stats=(prep["mean"], prep["std"]))
-        if split == "val" and not cfg.val_split:
-            raise BadUsage(f"--split val: {run} was trained without --val-split, so it has no validation split "
-                           f"(train with --val-split 0.1 to compare settings without the test set)")
         source, epoch = c, c.epoch
     else:
         if not Path(params_path).is_file():
