@@ -267,7 +267,7 @@ def _infer_from_params(params_path, flags: Dict[str, Any], say: bool = False) ->
               help="Test-time augmentation: none, flip (image + mirror), flip-translate (also shifted 1 px; "
                    "airbench94). Default: the run's --eval-tta, else none.")
 @click.option("--split", type=choice(["test", "val"]), default="test", show_default=True,
-              help="Which images: the test set, or the validation split of a run trained with --val-split "
+              help="Which images: the test set, or the run's validation split if it was trained with one "
                    "(compare settings there, not on the test set).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @friendly_errors
