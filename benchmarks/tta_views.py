@@ -21,6 +21,7 @@ import numpy as np
 from vgg_gluon import checkpoint as ck
 from vgg_gluon import engine
 from vgg_gluon.config import RunConfig
+from vgg_gluon.fasttrain import translate
 from vgg_gluon.session import input_dtype
 
 Shift = Tuple[int, int]
@@ -29,13 +30,7 @@ DIAG = [(-1, -1), (-1, 1), (1, -1), (1, 1)]
 AXIS = [(-1, 0), (1, 0), (0, -1), (0, 1)]
 FAR = [(-2, -2), (-2, 2), (2, -2), (2, 2)]
 SHIFTS: List[Shift] = [(0, 0)] + NEIGHBOURS + FAR
-
-
-def shifted(x: mx.nd.NDArray, dy: int, dx: int, pad: int = 2) -> mx.nd.NDArray:
-    """x moved by (dy, dx) with reflected borders (fasttrain._translate's convention, any |d| <= pad)."""
-    h, w = x.shape[2], x.shape[3]
-    padded = mx.nd.pad(x, mode="reflect", pad_width=(0, 0, 0, 0, pad, pad, pad, pad))
-    return padded[:, :, pad - dy:pad - dy + h, pad - dx:pad - dx + w]
+FLIP_TRANSLATE = "flip-translate (airbench L2: 1/2 centre + 1/4 (-1,-1) + 1/4 (1,1))"
 
 
 def view_logits(run: Path, which: str) -> Tuple[Dict[Tuple[Shift, bool], np.ndarray], np.ndarray]:
@@ -51,7 +46,7 @@ def view_logits(run: Path, which: str) -> Tuple[Dict[Tuple[Shift, bool], np.ndar
         for x, y in zip(data, ys):
             labels.append(y.asnumpy())
             for d in SHIFTS:
-                v = shifted(x, *d)
+                v = translate(x, *d)
                 for f in (False, True):
                     z = s.net((mx.nd.flip(v, axis=3) if f else v).astype(dtype, copy=False))
                     out[(d, f)].append(z.astype("float32").asnumpy())
@@ -68,7 +63,7 @@ def combos(z: Dict[Tuple[Shift, bool], np.ndarray]) -> Dict[str, np.ndarray]:
     return {
         "none": z[((0, 0), False)],
         "flip": c0,
-        "flip-translate (airbench L2: 1/2 centre + 1/4 (-1,-1) + 1/4 (1,1))": 0.5 * c0 + 0.5 * ring([(-1, -1), (1, 1)]),
+        FLIP_TRANSLATE: 0.5 * c0 + 0.5 * ring([(-1, -1), (1, 1)]),
         "1/2 centre + 1/2 mean of 4 diagonals": 0.5 * c0 + 0.5 * ring(DIAG),
         "1/2 centre + 1/2 mean of 4 axis shifts": 0.5 * c0 + 0.5 * ring(AXIS),
         "1/2 centre + 1/2 mean of 8 neighbours": 0.5 * c0 + 0.5 * ring(NEIGHBOURS),
@@ -92,7 +87,7 @@ def main() -> None:
             table.setdefault(name, []).append(acc)
             print(f"  {100 * acc:6.2f}%  {name}")
     if len(a.runs) > 1:
-        base = table["flip-translate (airbench L2: 1/2 centre + 1/4 (-1,-1) + 1/4 (1,1))"]
+        base = table[FLIP_TRANSLATE]
         print(f"\nmean over {len(a.runs)} runs, and the mean difference to flip-translate (points):")
         for name, accs in table.items():
             diff = 100 * float(np.mean(np.array(accs) - np.array(base)))

@@ -148,7 +148,7 @@ def test_tta_modes():
     np.testing.assert_allclose(fasttrain.tta_logits(net, sym, "flip").asnumpy(),
                                fasttrain.tta_logits(net, sym, "none").asnumpy(), rtol=1e-5, atol=1e-6)
     x = mx.nd.random.normal(shape=(2, 1, 16, 16))
-    moved = fasttrain._translate(x, 1, 1).asnumpy()
+    moved = fasttrain.translate(x, 1, 1).asnumpy()
     np.testing.assert_array_equal(moved[:, :, 1:, 1:], x.asnumpy()[:, :, :-1, :-1])
     assert fasttrain.tta_logits(net, x, "flip-translate").shape == (2, 10)
     with pytest.raises(ValueError):

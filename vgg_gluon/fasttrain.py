@@ -186,11 +186,14 @@ class Lookahead:
 
 # ------------------------------------------------------------------------------------------------
 # test-time augmentation
-def _translate(x: mx.nd.NDArray, dy: int, dx: int) -> mx.nd.NDArray:
-    """Shift by (dy, dx) in {-1, 1} with reflected borders (airbench94's TTA translation)."""
+def translate(x: mx.nd.NDArray, dy: int, dx: int) -> mx.nd.NDArray:
+    """Shift by (dy, dx) pixels with reflected borders (airbench94's TTA translation uses +-1)."""
+    pad = max(abs(dy), abs(dx))
+    if pad == 0:
+        return x
     h, w = x.shape[2], x.shape[3]
-    padded = mx.nd.pad(x, mode="reflect", pad_width=(0, 0, 0, 0, 1, 1, 1, 1))
-    y0, x0 = 1 - dy, 1 - dx
+    padded = mx.nd.pad(x, mode="reflect", pad_width=(0, 0, 0, 0, pad, pad, pad, pad))
+    y0, x0 = pad - dy, pad - dx
     return padded[:, :, y0:y0 + h, x0:x0 + w]
 
 
@@ -205,6 +208,6 @@ def tta_logits(net, x: mx.nd.NDArray, mode: str) -> mx.nd.NDArray:
     if mode == "flip":
         return mirror(x)
     if mode == "flip-translate":
-        shifted = 0.5 * mirror(_translate(x, -1, -1)) + 0.5 * mirror(_translate(x, 1, 1))
+        shifted = 0.5 * mirror(translate(x, -1, -1)) + 0.5 * mirror(translate(x, 1, 1))
         return 0.5 * mirror(x) + 0.5 * shifted
     raise ValueError(f"unknown TTA mode {mode!r}")
