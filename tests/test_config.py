@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,30 @@ def test_default_threads_take_a_second_look_before_giving_fewer(monkeypatch):
     looks.clear()
     monkeypatch.setattr(_env, "idle_cores", fake([1.9]))
     assert _env.default_threads() == 2 and looks == [0.1]
+
+
+def test_amx_is_asked_for_only_where_the_cpu_has_it_and_the_users_isa_cap_wins(monkeypatch):
+    """configure() opens oneDNN's AMX kernels (DNNL_MAX_CPU_ISA) only when Linux granted the tile
+    state; a cap the user exported stays as it is."""
+    import subprocess
+    import sys
+
+    from vgg_gluon import _env
+    amx_here = {"amx_tile", "amx_bf16"} <= _env.cpu_flags()
+    monkeypatch.setattr(_env, "_AMX", {"granted": None})
+    monkeypatch.setattr(_env, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert _env.request_amx() is False and _env.onednn_uses_amx() is False
+    code = "import os, vgg_gluon._env as e; print(os.environ.get('DNNL_MAX_CPU_ISA'), e.onednn_uses_amx())"
+    for cap in (None, "AVX2"):
+        env = {k: v for k, v in os.environ.items() if k not in ("DNNL_MAX_CPU_ISA", "MKLDNN_MAX_CPU_ISA")}
+        if cap:
+            env["DNNL_MAX_CPU_ISA"] = cap
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        if cap:
+            assert out == [cap, "False"], out
+        else:
+            assert out == (["AVX512_CORE_AMX", "True"] if amx_here else ["None", "False"]), out
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar10_vgg11", "fashion_mnist_vgg11",

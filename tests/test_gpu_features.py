@@ -20,6 +20,7 @@ def test_float16_and_amp_on_cpu_are_one_line_errors(tmp_path, cli_env, monkeypat
     r = CliRunner().invoke(cli.main, ["train", *TINY, "--ctx", "cpu", "--output-dir", str(tmp_path),
                                       "--dtype", "float16"])
     assert r.exit_code == 1 and "needs a GPU" in r.output and "Traceback" not in r.output, r.output
+    monkeypatch.setattr(_env, "onednn_uses_amx", lambda: False)  # BatchNorm is allowed where AMX runs
     for has_bf16, words in ((False, "needs a CPU with AVX512-BF16"), (True, "slower with BatchNorm")):
         monkeypatch.setattr(_env, "onednn_has_bf16", lambda has=has_bf16: has)
         r = CliRunner().invoke(cli.main, ["train", *TINY, "--ctx", "cpu", "--output-dir", str(tmp_path), "--amp"])
@@ -29,19 +30,22 @@ def test_float16_and_amp_on_cpu_are_one_line_errors(tmp_path, cli_env, monkeypat
 
 
 @pytest.mark.skipif(not _env.onednn_has_bf16(), reason="this CPU has no AVX512-BF16 (bfloat16 AMP is refused here)")
-def test_bfloat16_amp_on_a_cpu_trains_and_resumes_exactly(tmp_path, cli_env):
-    """`--amp` on a CPU with AVX512-BF16, a network without BatchNorm: the convolutions run in
-    bfloat16 (the losses differ from float32's, a little), no loss scaling, and a run killed after
-    its first checkpoint and resumed ends with the weights of the uninterrupted one. In
-    subprocesses: amp.init patches MXNet's operators for the rest of a process."""
+@pytest.mark.parametrize("batch_norm", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _env.onednn_uses_amx(), reason="bfloat16 AMP with BatchNorm needs AMX (refused without it)"))])
+def test_bfloat16_amp_on_a_cpu_trains_and_resumes_exactly(tmp_path, cli_env, batch_norm):
+    """`--amp` on a CPU with AVX512-BF16 (a network without BatchNorm) or AMX (with it too): the
+    convolutions run in bfloat16 (the losses differ from float32's, a little), no loss scaling,
+    and a run killed after its first checkpoint and resumed ends with the weights of the
+    uninterrupted one. In subprocesses: amp.init patches MXNet's operators for the rest of a
+    process."""
     import mxnet as mx
     import numpy as np
 
     from vgg_gluon import checkpoint as ck
     from vgg_gluon import report
 
-    args = [*tiny_args(train_limit=128, epochs=2), "--no-batch-norm", "--lr", "0.02", "--ctx", "cpu",
-            "--output-dir", str(tmp_path)]
+    args = [*tiny_args(train_limit=128, epochs=2), *([] if batch_norm else ["--no-batch-norm"]), "--lr", "0.02",
+            "--ctx", "cpu", "--output-dir", str(tmp_path)]
 
     def cli_run(*more, crash=None):
         env = dict(os.environ, OMP_NUM_THREADS="1")

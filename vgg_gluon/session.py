@@ -102,7 +102,7 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
 
 def _check_devices(cfg: RunConfig, ctx_list, train: bool) -> None:
     """What the devices cannot do: fewer samples per step than devices, float16 on a CPU, and
-    bfloat16 AMP on a CPU without bfloat16 kernels or, where it measured slower, with BatchNorm."""
+    bfloat16 AMP on a CPU without bfloat16 kernels or, where it measured slower (no AMX), with BatchNorm."""
     from vgg_gluon.config import ConfigError, SettingError
     if train and cfg.batch_size < len(ctx_list):
         raise SettingError("batch_size", f"must be at least the number of devices ({len(ctx_list)}), "
@@ -116,9 +116,10 @@ def _check_devices(cfg: RunConfig, ctx_list, train: bool) -> None:
         if not _env.onednn_has_bf16():
             raise ConfigError("--amp on a CPU trains in bfloat16, which needs a CPU with AVX512-BF16 (this one has "
                               "none): use a GPU (--ctx gpu:0), or train in float32 without --amp")
-        if cfg.batch_norm:
-            raise ConfigError("--amp on a CPU (bfloat16) is slower with BatchNorm (0.72-0.80x float32, "
-                              "benchmarks/README.md): train in float32 without --amp, or use --no-batch-norm")
+        if cfg.batch_norm and not _env.onednn_uses_amx():
+            raise ConfigError("--amp on a CPU (bfloat16) is slower with BatchNorm unless the CPU has AMX (0.72-0.80x "
+                              "float32 with AVX512-BF16 alone, benchmarks/README.md): train in float32 without --amp, "
+                              "or use --no-batch-norm")
 
 
 def _place_network(s: Session, params_source) -> None:
