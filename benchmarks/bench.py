@@ -361,6 +361,9 @@ class TorchWorker:
             self.peers[name] = {"model": model, "fwd": fwd, "opt": opt, "x": x}
         self.y = t.arange(a["batch"]) % 10
         self.loss_fn = t.nn.CrossEntropyLoss()
+        # --precision bf16: autocast, PyTorch's mixed precision on a CPU (bfloat16 convolutions and
+        # matrix products through oneDNN, AMX where the CPU has it; float32 weights and SGD).
+        self.bf16 = bool(a.get("bf16"))
         return {}
 
     def train(self, a):
@@ -372,7 +375,8 @@ class TorchWorker:
         t0 = time.perf_counter()
         for _ in range(a["steps"]):
             opt.zero_grad(set_to_none=True)
-            loss = self.loss_fn(fwd(x), self.y)
+            with t.autocast("cpu", dtype=t.bfloat16, enabled=self.bf16):
+                loss = self.loss_fn(fwd(x), self.y)
             loss.backward()
             opt.step()
             loss_sum += loss.detach()
@@ -386,7 +390,7 @@ class TorchWorker:
         m = p["model"]
         m.eval()
         t0 = time.perf_counter()
-        with t.inference_mode():
+        with t.inference_mode(), t.autocast("cpu", dtype=t.bfloat16, enabled=self.bf16):
             for _ in range(a["steps"]):
                 out = m(p["x"])
         float(out.sum())
@@ -745,6 +749,7 @@ def throughput(args) -> dict:
         raise SystemExit(f"unknown peers {sorted(unknown)}; choose from {','.join(PEERS)}")
     plan = PLAN_QUICK if args.quick else PLAN
     res = {"machine": machine(), "command": " ".join(sys.argv), "runs": [], "peers": peers,
+           "precision": args.precision,
            "pause_idle": Worker.pause_idle, "wait_policy": args.wait_policy}
     threads = int(os.environ["OMP_NUM_THREADS"])
     print(f"# {res['machine']}", flush=True)
@@ -768,15 +773,20 @@ def throughput(args) -> dict:
                   flush=True)
         print(f"best measured matrix product: {best[0]:.1f} GFLOP/s ({best[1]}, n={best[2]}) = "
               f"{best[0] / pk['peak_gflops']:.0%} of the theoretical {pk['peak_gflops']:.1f}", flush=True)
+        bf16 = args.precision == "bf16"
+        if bf16:
+            print("# precision bf16: MXNet AMP bfloat16 against PyTorch autocast bfloat16, float32 weights on both "
+                  "sides; every share of peak below is of the float32 peak", flush=True)
         if args.onednn:
-            rep = onednn_report(batch=args.batch, net=args.net)
+            rep = onednn_report(batch=args.batch, net=args.net, amp_bf16=bf16)
             res["onednn"] = rep
             print_onednn(rep, f"MXNet, one training step, {args.net}, 32 px BN")
         peak = pk["peak_gflops"]
         for size in sizes:
             k, rounds = plan[size]
             for bn in variants:
-                setup = dict(size=size, bn=bn, batch=args.batch, fc_units=args.fc_units, net=args.net)
+                setup = dict(size=size, bn=bn, batch=args.batch, fc_units=args.fc_units, net=args.net,
+                             **({"amp_bf16": True, "bf16": True} if bf16 else {}))
                 info = mxw("setup", **setup)
                 thw("setup", **setup, peers=peers)
                 b = args.batch
@@ -824,7 +834,8 @@ def throughput(args) -> dict:
                        "pipeline_ms_per_batch": 1000 * pipe_s,
                        "pipeline_share_of_step": pipe_s / _med(t["mx_syn"]),
                        "raw_step_s": t, "raw_eval_s": ev}
-                tag = f"{size:>3}px {'BN   ' if bn else 'no-BN'}" + (" fast3" if args.net == "fast3" else "")
+                tag = (f"{size:>3}px {'BN   ' if bn else 'no-BN'}" + (" fast3" if args.net == "fast3" else "")
+                       + (" bf16" if bf16 else ""))
                 print(f"{tag} MXNet (ours)  {ips['mx_syn']:8.1f} img/s [{_range(rates['mx_syn'])}]  "
                       f"{fl * ips['mx_syn'] / 1e9:6.1f} GFLOP/s = {ips['mx_syn'] * fl / 1e9 / peak:.0%} of peak;  "
                       f"real data {ips['mx_real']:.1f} ({row['real_vs_synthetic']:.0%})", flush=True)
@@ -1104,6 +1115,9 @@ def main() -> None:
                     help="skip timing each framework again in a process of its own")
     ap.add_argument("--no-onednn", dest="onednn", action="store_false", help="skip the oneDNN verbose report")
     ap.add_argument("--bf16", action="store_true", help="onednn: also run MXNet AMP bfloat16")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="throughput: bf16 times MXNet AMP bfloat16 against PyTorch autocast bfloat16 "
+                         "(AMX where the CPU has it)")
     ap.add_argument("--no-epoch", dest="epoch", action="store_false", help="skip the whole real-data epochs")
     ap.add_argument("--real-epochs", type=int, default=3, help="whole real-data epochs at 32 px (median reported)")
     ap.add_argument("--out", default=str(HERE / "results"))

@@ -29,6 +29,35 @@ def test_float16_and_amp_on_cpu_are_one_line_errors(tmp_path, cli_env, monkeypat
     assert not list(tmp_path.iterdir())  # nothing was started
 
 
+def test_a_float32_run_on_an_amx_cpu_is_told_about_amp(tmp_path, cli_env, monkeypatch):
+    """Where oneDNN could run AMX, a new float32 run's log says --amp is there (one note line);
+    elsewhere nothing is said."""
+    for amx in (True, False):
+        monkeypatch.setattr(_env, "onednn_uses_amx", lambda amx=amx: amx)
+        out = tmp_path / str(amx)
+        r = CliRunner().invoke(cli.main, ["train", *TINY, "--ctx", "cpu", "--output-dir", str(out), "--name", "r"])
+        assert r.exit_code == 0, r.output
+        notes = [ln for ln in (out / "r" / "train.log").read_text().splitlines() if "AMX" in ln]
+        assert len(notes) == (1 if amx else 0) and all("--amp" in ln for ln in notes), notes
+
+
+def test_amp_run_with_batch_norm_started_on_amx_resumes_on_a_cpu_without_it(monkeypatch):
+    """The BatchNorm refusal is about speed: a new run without AMX gets it, an existing run (started
+    on an AMX machine) is not stranded when it resumes on one with AVX512-BF16 alone."""
+    import mxnet as mx
+
+    from vgg_gluon import session
+    from vgg_gluon.config import ConfigError
+    monkeypatch.setattr(_env, "onednn_has_bf16", lambda: True)
+    monkeypatch.setattr(_env, "onednn_uses_amx", lambda: False)
+    cfg = RunConfig(amp=True, batch_norm=True)
+    with pytest.raises(ConfigError, match="slower with BatchNorm"):
+        session._check_devices(cfg, [mx.cpu()], train=True)
+    session._check_devices(cfg, [mx.cpu()], train=True, resuming=True)
+    monkeypatch.setattr(_env, "onednn_uses_amx", lambda: True)
+    session._check_devices(cfg, [mx.cpu()], train=True)
+
+
 @pytest.mark.skipif(not _env.onednn_has_bf16(), reason="this CPU has no AVX512-BF16 (bfloat16 AMP is refused here)")
 @pytest.mark.parametrize("batch_norm", [False, pytest.param(True, marks=pytest.mark.skipif(
     not _env.onednn_uses_amx(), reason="bfloat16 AMP with BatchNorm needs AMX (refused without it)"))])

@@ -112,7 +112,7 @@ def resume_run(run_dir: Path, configure: Callable[[RunConfig, str], RunConfig]) 
     if never_checkpointed(run_dir):
         # Stopped (e.g. killed) inside epoch 1: nothing to load, but the run's settings are known.
         source = run_dir / "config.yaml"
-        session = engine.build_session(configure(RunConfig.from_yaml(source), str(source)))
+        session = engine.build_session(configure(RunConfig.from_yaml(source), str(source)), resuming=True)
         return Resumption(session, fresh=True, note=f"{run_dir} has no checkpoint yet (it stopped inside "
                                                     "epoch 1): starting it again from its config.yaml")
     c = ck.select_checkpoint(run_dir, "last")
@@ -126,7 +126,7 @@ def resume_run(run_dir: Path, configure: Callable[[RunConfig, str], RunConfig]) 
         stopped = f" (epoch {c.epoch + 1} was stopped at step {c.step})" if c.step else ""
         return Resumption(None, c.epoch, note=f"{run_dir}: already trained {c.epoch} of {cfg.epochs} epochs"
                                               f"{stopped}; pass --epochs N (> {c.epoch}) to train more")
-    session = engine.build_session(cfg, params_source=c)
+    session = engine.build_session(cfg, params_source=c, resuming=True)
     restore_trainer(session, c, meta)
     session.history = recover_history(run_dir, c.epoch)
     partial = engine.Partial(**meta["partial"]) if meta.get("partial") else None

@@ -67,15 +67,16 @@ class Session:
 
 
 def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_source=None,
-                  dataset=None, eval_batch_size: Optional[int] = None) -> Session:
+                  dataset=None, eval_batch_size: Optional[int] = None, resuming: bool = False) -> Session:
     """Load data, build the network on every context and (when training) the Trainer, in the order
     MXNet wants: data, network initialized or loaded on every context, hybridize, then the Trainer.
 
     params_source: None (fresh init), a Checkpoint, or a path to a bare .params file.
+    resuming: the run exists (resume): what it was started with is not refused for speed alone.
     """
     cfg.validate()
     ctx_list = ctx_list or resolve_ctx(cfg.ctx)
-    _check_devices(cfg, ctx_list, train)
+    _check_devices(cfg, ctx_list, train, resuming)
     seed_everything(cfg.seed)
     from vgg_gluon import distributed  # a dist kvstore joins the parameter server: rank, workers
     dist = distributed.create(cfg.kvstore) if train and distributed.wanted(cfg.kvstore) else None
@@ -100,9 +101,11 @@ def build_session(cfg: RunConfig, *, ctx_list=None, train: bool = True, params_s
     return s
 
 
-def _check_devices(cfg: RunConfig, ctx_list, train: bool) -> None:
+def _check_devices(cfg: RunConfig, ctx_list, train: bool, resuming: bool = False) -> None:
     """What the devices cannot do: fewer samples per step than devices, float16 on a CPU, and
-    bfloat16 AMP on a CPU without bfloat16 kernels or, where it measured slower (no AMX), with BatchNorm."""
+    bfloat16 AMP on a CPU without bfloat16 kernels or, for a new run where it measured slower (no
+    AMX), with BatchNorm. A run started with --amp on an AMX machine resumes on any CPU with
+    bfloat16 kernels: slower there, but refusing would strand its checkpoints."""
     from vgg_gluon.config import ConfigError, SettingError
     if train and cfg.batch_size < len(ctx_list):
         raise SettingError("batch_size", f"must be at least the number of devices ({len(ctx_list)}), "
@@ -116,7 +119,7 @@ def _check_devices(cfg: RunConfig, ctx_list, train: bool) -> None:
         if not _env.onednn_has_bf16():
             raise ConfigError("--amp on a CPU trains in bfloat16, which needs a CPU with AVX512-BF16 (this one has "
                               "none): use a GPU (--ctx gpu:0), or train in float32 without --amp")
-        if cfg.batch_norm and not _env.onednn_uses_amx():
+        if cfg.batch_norm and not resuming and not _env.onednn_uses_amx():
             raise ConfigError("--amp on a CPU (bfloat16) is slower with BatchNorm unless the CPU has AMX (0.72-0.80x "
                               "float32 with AVX512-BF16 alone, benchmarks/README.md): train in float32 without --amp, "
                               "or use --no-batch-norm")

@@ -199,6 +199,12 @@ def _cpu_threads(ctx_list) -> str:
     return ""
 
 
+def _amx_idle(ctx_list) -> bool:
+    """The run trains in float32 on CPUs whose AMX bfloat16 kernels oneDNN could run."""
+    from vgg_gluon import _env
+    return all(c.device_type == "cpu" for c in ctx_list) and _env.onednn_uses_amx()
+
+
 def _precision(session) -> str:
     """', AMP bfloat16' (or float16, or ', float16 weights') when a run does not train in float32."""
     if session.cfg.amp:
@@ -218,6 +224,9 @@ def _announce(session, run_dir: Path, console: Console, start_epoch: int) -> Non
                  f"epochs {start_epoch + 1}..{cfg.epochs}")
     if console.tb is not None:
         console.tb.graph(session.net, session.input_shape)
+    if start_epoch == 0 and not cfg.amp and cfg.dtype == "float32" and _amx_idle(session.ctx_list):
+        console.line("note: this CPU has AMX: --amp trains in bfloat16 there, about 2x faster for the "
+                     "CIFAR-10 recipe at the same accuracy (benchmarks/README.md)")
     if session.val_loader is None:
         console.line("note: no --val-split, so the 'best' checkpoint is chosen on test accuracy (optimistic); "
                      "the last epoch's test accuracy is the fair figure")
