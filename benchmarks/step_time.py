@@ -1,10 +1,12 @@
 """Time one hybridized training step of a spec row on synthetic data (issue 10's sizing tool).
 
-    benchmarks/step_time.py ARCH WIDTH ACTIVATION BATCH CHANNELS [SIDE] [--no-relayout] [--no-pad]
+    benchmarks/step_time.py ARCH WIDTH ACTIVATION BATCH CHANNELS [SIDE] [--no-relayout] [--no-pad] [--amp]
     e.g. .venv/bin/python benchmarks/step_time.py fast3 0.5 relu 256 3
 
 --no-relayout: without models._RelayoutBatchNorm (the BatchNorm after the whitened stem's
 24-channel conv then runs oneDNN's reference backward kernel on AVX-512 CPUs).
+--amp: MXNet AMP bfloat16 (amp.init before the network is built), as `vgg-gluon train --amp` on a
+CPU; AMX where the CPU has it (vgg_gluon._env; DNNL_MAX_CPU_ISA=AVX512_CORE_BF16 turns AMX off).
 --no-pad: the whitened stem runs with its own filter count (24 for RGB, 8 for grey) instead of
 the next multiple of 16 (cpu_layers.ZeroPaddedConv2D), i.e. on oneDNN's AVX2 kernels.
 
@@ -23,6 +25,10 @@ autograd, gluon = mx.autograd, mx.gluon
 
 
 def main(argv):
+    if "--amp" in argv:
+        argv = [a for a in argv if a != "--amp"]
+        from mxnet.contrib import amp
+        amp.init(target_dtype="bfloat16")
     if "--no-relayout" in argv:
         argv = [a for a in argv if a != "--no-relayout"]
         M.needs_relayout = lambda in_channels: False
@@ -57,7 +63,8 @@ def main(argv):
     load = " ".join(open("/proc/loadavg").read().split()[:3])
     flags = next((line.split()[2:] for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     print("cpu flags (avx*/fma):", " ".join(f for f in flags if f.startswith(("avx", "fma"))),
-          "| oneDNN AVX-512:", _env.onednn_uses_avx512())
+          "| oneDNN AVX-512:", _env.onednn_uses_avx512(), "| AMX:", _env.onednn_uses_amx(),
+          "| AMP bfloat16:", "--amp" in sys.argv)
     print(f"{arch} x{width} {act} batch {bs} {ch} ch {side} px: {dt * 1000:.0f} ms/step {bs / dt:.0f} img/s "
           f"(load {load})")
 

@@ -142,6 +142,8 @@ def configure() -> None:
     # change bfloat16 and int8 kernels (--amp): float32 runs the same AVX-512 kernels either way.
     # Measured 2026-12-03 (Xeon with amx_bf16): a bfloat16 training step of the CIFAR-10 recipe
     # 2.1x faster than float32 with AMX, 0.7x without (benchmarks/README.md, "Ninth session").
+    # Linux keeps the grant across fork but clears it on exec: a child process that runs bfloat16
+    # or int8 operators must ask again (importing vgg_gluon does; PyTorch's oneDNN asks itself).
     if request_amx() and "DNNL_MAX_CPU_ISA" not in os.environ and "MKLDNN_MAX_CPU_ISA" not in os.environ:
         os.environ["DNNL_MAX_CPU_ISA"] = "AVX512_CORE_AMX"
     # The ssl/numpy deprecation noise from mxnet/gluoncv is not the user's business.
