@@ -108,7 +108,7 @@ def test_amx_is_asked_for_only_where_the_cpu_has_it_and_the_users_isa_cap_wins(m
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar10_vgg11", "fashion_mnist_vgg11",
-                                  "fashion_mnist_fast3", "cifar10_fast3", "d2l_vgg11_224"])
+                                  "fashion_mnist_fast3", "cifar10_fast3", "d2l_vgg11_224", "cifar10_amx"])
 def test_shipped_experiments_are_valid(name):
     cfg = resolve_config(str(REPO / "experiments" / f"{name}.yaml"), {})
     assert cfg.dataset in ("fashion-mnist", "cifar10")
