@@ -121,8 +121,8 @@ def _check_devices(cfg: RunConfig, ctx_list, train: bool, resuming: bool = False
                               "none): use a GPU (--ctx gpu:0), or train in float32 without --amp")
         if cfg.batch_norm and not resuming and not _env.onednn_uses_amx():
             raise ConfigError("--amp on a CPU (bfloat16) is slower with BatchNorm unless the CPU has AMX (0.72-0.80x "
-                              "float32 with AVX512-BF16 alone, benchmarks/README.md): train in float32 without --amp, "
-                              "or use --no-batch-norm")
+                              "float32 with AVX512-BF16 alone, benchmarks/README.md): train in float32 (no --amp; "
+                              "amp: false in a recipe file), or use --no-batch-norm")
 
 
 def _place_network(s: Session, params_source) -> None:
