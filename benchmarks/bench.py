@@ -363,7 +363,7 @@ class TorchWorker:
         self.loss_fn = t.nn.CrossEntropyLoss()
         # --precision bf16: autocast, PyTorch's mixed precision on a CPU (bfloat16 convolutions and
         # matrix products through oneDNN, AMX where the CPU has it; float32 weights and SGD).
-        self.bf16 = bool(a.get("bf16"))
+        self.bf16 = bool(a.get("amp_bf16"))
         return {}
 
     def train(self, a):
@@ -808,7 +808,7 @@ def throughput(args) -> dict:
             k, rounds = plan[size]
             for bn in variants:
                 setup = dict(size=size, bn=bn, batch=args.batch, fc_units=args.fc_units, net=args.net,
-                             **({"amp_bf16": True, "bf16": True} if bf16 else {}))
+                             **({"amp_bf16": True} if bf16 else {}))
                 info = mxw("setup", **setup)
                 thw("setup", **setup, peers=peers)
                 b = args.batch

@@ -25,7 +25,8 @@ autograd, gluon = mx.autograd, mx.gluon
 
 
 def main(argv):
-    if "--amp" in argv:
+    use_amp = "--amp" in argv
+    if use_amp:
         argv = [a for a in argv if a != "--amp"]
         from mxnet.contrib import amp
         amp.init(target_dtype="bfloat16")
@@ -64,7 +65,7 @@ def main(argv):
     flags = next((line.split()[2:] for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     print("cpu flags (avx*/fma):", " ".join(f for f in flags if f.startswith(("avx", "fma"))),
           "| oneDNN AVX-512:", _env.onednn_uses_avx512(), "| AMX:", _env.onednn_uses_amx(),
-          "| AMP bfloat16:", "--amp" in sys.argv)
+          "| AMP bfloat16:", use_amp)
     print(f"{arch} x{width} {act} batch {bs} {ch} ch {side} px: {dt * 1000:.0f} ms/step {bs / dt:.0f} img/s "
           f"(load {load})")
 

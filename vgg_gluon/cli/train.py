@@ -199,8 +199,8 @@ def _cpu_threads(ctx_list) -> str:
     return ""
 
 
-def _amx_idle(ctx_list) -> bool:
-    """The run trains in float32 on CPUs whose AMX bfloat16 kernels oneDNN could run."""
+def _on_amx_cpus(ctx_list) -> bool:
+    """Every device is a CPU whose AMX bfloat16 kernels oneDNN can run (vgg_gluon._env)."""
     from vgg_gluon import _env
     return all(c.device_type == "cpu" for c in ctx_list) and _env.onednn_uses_amx()
 
@@ -224,7 +224,7 @@ def _announce(session, run_dir: Path, console: Console, start_epoch: int) -> Non
                  f"epochs {start_epoch + 1}..{cfg.epochs}")
     if console.tb is not None:
         console.tb.graph(session.net, session.input_shape)
-    if start_epoch == 0 and not cfg.amp and cfg.dtype == "float32" and _amx_idle(session.ctx_list):
+    if start_epoch == 0 and not cfg.amp and _on_amx_cpus(session.ctx_list):  # float16 needs a GPU
         console.line("note: this CPU has AMX: --amp trains in bfloat16 there, about 2x faster for the "
                      "CIFAR-10 recipe at the same accuracy (benchmarks/README.md)")
     if session.val_loader is None:
