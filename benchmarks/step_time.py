@@ -25,6 +25,12 @@ autograd, gluon = mx.autograd, mx.gluon
 
 
 def main(argv):
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
+    if len([a for a in argv if not a.startswith("--")]) < 5:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        sys.exit(2)
     use_amp = "--amp" in argv
     if use_amp:
         argv = [a for a in argv if a != "--amp"]
