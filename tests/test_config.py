@@ -107,6 +107,36 @@ def test_amx_is_asked_for_only_where_the_cpu_has_it_and_the_users_isa_cap_wins(m
             assert out == (["AVX512_CORE_AMX", "True"] if amx_here else ["None", "False"]), out
 
 
+def test_make_train_cifar10_picks_the_bfloat16_recipe_only_where_amx_runs():
+    """`make train DATASET=cifar10` trains experiments/cifar10_amx.yaml where a run would get AMX
+    (the Makefile asks `vgg_gluon/_env.py amx`, with the system Python), and the float32 default
+    elsewhere, or when the user caps oneDNN below AMX or names CONFIG; Fashion-MNIST is unchanged."""
+    import shutil
+    import subprocess
+    import sys
+
+    from vgg_gluon import _env
+    if shutil.which("make") is None:
+        pytest.skip("no make here")
+    amx_here = _env.request_amx()
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("DNNL_MAX_CPU_ISA", "MKLDNN_MAX_CPU_ISA", "CONFIG", "DATASET")}
+
+    def dry_run(*args, **env):
+        out = subprocess.run(["make", "-s", "-n", "-C", str(REPO), "train", *args], env={**clean, **env},
+                             capture_output=True, text=True, check=True).stdout
+        return [line for line in out.splitlines() if " train --config " in line][-1].split()[3]
+
+    amx_config = "experiments/cifar10_amx.yaml" if amx_here else "experiments/cifar10.yaml"
+    assert dry_run("DATASET=cifar10") == amx_config
+    assert dry_run("DATASET=cifar10", DNNL_MAX_CPU_ISA="AVX512_CORE_BF16") == "experiments/cifar10.yaml"
+    assert dry_run("DATASET=cifar10", "CONFIG=experiments/cifar10.yaml") == "experiments/cifar10.yaml"
+    assert dry_run() == "experiments/fashion_mnist.yaml"
+    out = subprocess.run([sys.executable, str(REPO / "vgg_gluon" / "_env.py"), "amx"], env=clean,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ("amx" if amx_here else "")
+
+
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "cifar10_vgg11", "fashion_mnist_vgg11",
                                   "fashion_mnist_fast3", "cifar10_fast3", "d2l_vgg11_224", "cifar10_amx"])
 def test_shipped_experiments_are_valid(name):

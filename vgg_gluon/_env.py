@@ -150,4 +150,14 @@ def configure() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
-configure()
+if __name__ == "__main__":
+    # `python vgg_gluon/_env.py amx`: the Makefile's check for AMX, without MXNet, the venv or
+    # configure()'s look at the idle cores. Prints "amx" where a run would get oneDNN's AMX kernels:
+    # the CPU has AMX, Linux grants it, and no DNNL_MAX_CPU_ISA / MKLDNN_MAX_CPU_ISA rules it out.
+    import sys
+    if sys.argv[1:] == ["amx"]:
+        print("amx" if request_amx() and _onednn_isa_cap() in ("ALL", "AVX512_CORE_AMX") else "")
+    else:
+        sys.exit("usage: python vgg_gluon/_env.py amx")
+else:
+    configure()
