@@ -41,6 +41,19 @@ def test_a_float32_run_on_an_amx_cpu_is_told_about_amp(tmp_path, cli_env, monkey
         assert len(notes) == (1 if amx else 0) and all("--amp" in ln for ln in notes), notes
 
 
+def test_the_amx_note_names_the_cifar10_bfloat16_recipe_for_cifar10_only(monkeypatch):
+    import mxnet as mx
+
+    from vgg_gluon.cli.train import _amx_note
+    monkeypatch.setattr(_env, "onednn_uses_amx", lambda: True)
+    assert "cifar10_amx.yaml" in _amx_note(RunConfig(dataset="cifar10"), [mx.cpu()])
+    assert "cifar10_amx.yaml" not in _amx_note(RunConfig(dataset="fashion-mnist"), [mx.cpu()])
+    assert _amx_note(RunConfig(dataset="cifar10", amp=True), [mx.cpu()]) is None
+    assert _amx_note(RunConfig(dataset="cifar10"), [mx.gpu(0)]) is None
+    monkeypatch.setattr(_env, "onednn_uses_amx", lambda: False)
+    assert _amx_note(RunConfig(dataset="cifar10"), [mx.cpu()]) is None
+
+
 def test_amp_run_with_batch_norm_started_on_amx_resumes_on_a_cpu_without_it(monkeypatch):
     """The BatchNorm refusal is about speed: a new run without AMX gets it, an existing run (started
     on an AMX machine) is not stranded when it resumes on one with AVX512-BF16 alone."""
