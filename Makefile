@@ -41,7 +41,7 @@ OPT_CTX    := $(if $(CTX),--ctx $(CTX))
 .PHONY: help setup venv data data-fashion-mnist data-cifar10 train resume evaluate test lint bench clean
 
 help:
-	@sed -n '2,7p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,/^[^#]/{/^#/p}' Makefile | sed 's/^# \{0,1\}//'
 
 venv: $(VENV)/.installed
 
