@@ -122,6 +122,13 @@ def onednn_uses_amx() -> bool:
     return request_amx() and "AMX" in _onednn_isa_cap()
 
 
+def _open_amx() -> None:
+    """Let oneDNN dispatch its AMX kernels (DNNL_MAX_CPU_ISA) where Linux granted AMX and the user
+    set no ISA cap of their own."""
+    if request_amx() and "DNNL_MAX_CPU_ISA" not in os.environ and "MKLDNN_MAX_CPU_ISA" not in os.environ:
+        os.environ["DNNL_MAX_CPU_ISA"] = "AVX512_CORE_AMX"
+
+
 def configure() -> None:
     """Fill in MXNet/OpenMP defaults; the user's own environment variables are left untouched."""
     want = os.environ.get("VGG_GLUON_THREADS", "auto")
@@ -144,19 +151,19 @@ def configure() -> None:
     # 2.1x faster than float32 with AMX, 0.7x without (benchmarks/README.md, "Ninth session").
     # Linux keeps the grant across fork but clears it on exec: a child process that runs bfloat16
     # or int8 operators must ask again (importing vgg_gluon does; PyTorch's oneDNN asks itself).
-    if request_amx() and "DNNL_MAX_CPU_ISA" not in os.environ and "MKLDNN_MAX_CPU_ISA" not in os.environ:
-        os.environ["DNNL_MAX_CPU_ISA"] = "AVX512_CORE_AMX"
+    _open_amx()
     # The ssl/numpy deprecation noise from mxnet/gluoncv is not the user's business.
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
 
 
 if __name__ == "__main__":
     # `python vgg_gluon/_env.py amx`: the Makefile's check for AMX, without MXNet, the venv or
-    # configure()'s look at the idle cores. Prints "amx" where a run would get oneDNN's AMX kernels:
-    # the CPU has AMX, Linux grants it, and no DNNL_MAX_CPU_ISA / MKLDNN_MAX_CPU_ISA rules it out.
+    # configure()'s look at the idle cores. Prints "amx" where a run would get oneDNN's AMX kernels
+    # (the same decision as configure() and onednn_uses_amx() make for a run).
     import sys
     if sys.argv[1:] == ["amx"]:
-        print("amx" if request_amx() and _onednn_isa_cap() in ("ALL", "AVX512_CORE_AMX") else "")
+        _open_amx()
+        print("amx" if onednn_uses_amx() else "")
     else:
         sys.exit("usage: python vgg_gluon/_env.py amx")
 else:
