@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -46,7 +47,9 @@ def test_the_amx_note_names_the_cifar10_bfloat16_recipe_for_cifar10_only(monkeyp
 
     from vgg_gluon.cli.train import _amx_note
     monkeypatch.setattr(_env, "onednn_uses_amx", lambda: True)
-    assert "cifar10_amx.yaml" in _amx_note(RunConfig(dataset="cifar10"), [mx.cpu()])
+    note = _amx_note(RunConfig(dataset="cifar10"), [mx.cpu()])
+    epochs = RunConfig.from_yaml(Path(__file__).parents[1] / "experiments" / "cifar10_amx.yaml").epochs
+    assert "cifar10_amx.yaml" in note and f"{epochs} epochs" in note   # the recipe's count, as it stands
     assert "cifar10_amx.yaml" not in _amx_note(RunConfig(dataset="fashion-mnist"), [mx.cpu()])
     assert _amx_note(RunConfig(dataset="cifar10", amp=True), [mx.cpu()]) is None
     assert _amx_note(RunConfig(dataset="cifar10"), [mx.gpu(0)]) is None

@@ -267,6 +267,18 @@ def test_fast_row_layout(channels):
         net(_input((1, channels, 8, 8)))
 
 
+def test_fast3w_is_airbench95s_widths_on_the_fast_layout():
+    """fast3w: airbench95's 128/384/384 channels (airbench94 widened), laid out as fast3."""
+    assert M.VGG_SPECS["fast3w"] == ((2, 128), (2, 384), (2, 384)) and M.layout("fast3w") == M.layout("fast3")
+    net = M.build_vgg("fast3w", 10, width=0.0625, batch_norm=True, in_channels=3,
+                      opts=M.LayerOptions(activation="gelu", bn_scale=False, dirac_init=True))
+    M.initialize(net, [CTX], seed=0)
+    x = _input((2, 3, 32, 32))
+    assert net(x).shape == (2, 10)
+    shapes = dict(_layer_shapes(net, x[:1]))
+    assert shapes["features.block1.pool"] == (1, 8, 15, 15) and shapes["features.block3.act2"] == (1, 24, 3, 3)
+
+
 @pytest.mark.parametrize("channels, fix", [(3, "pad"), (1, "pad"), (3, "relayout")])
 def test_avx512_layers_compute_the_same_net(monkeypatch, tmp_path, channels, fix):
     """On AVX-512 the whitened stem runs with 32 (RGB) or 16 (grey) filters, the extra ones zero

@@ -16,7 +16,10 @@ import yaml
 from vgg_gluon.errors import UserError
 
 DATASETS = ("fashion-mnist", "cifar10")
-ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19", "fast3", "fast3s")  # = models.VGG_SPECS (a test checks)
+CLASSIC_ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")  # the paper's; the tutorial .params mapping knows these
+#: airbench's 3-block rows: airbench94's widths, a slimmer one, airbench95's widths (models.LAYOUTS).
+FAST_ARCHS = ("fast3", "fast3s", "fast3w")
+ARCHS = CLASSIC_ARCHS + FAST_ARCHS  # = models.VGG_SPECS (a test checks)
 OPTIMIZERS = ("sgd", "nag", "adam", "muon")
 SCHEDULES = ("constant", "step", "cosine", "linear")
 ACTIVATIONS = ("relu", "gelu")
@@ -29,7 +32,7 @@ DTYPES = ("float32", "float16")
 # The data sets' default recipes: what a run of that data set changes from RunConfig's defaults,
 # whether it is started with bare flags (`vgg-gluon train --dataset cifar10`), the Makefile or
 # experiments/<dataset>.yaml (which spells the same values out; a test keeps them equal).
-#: airbench94's techniques (Jordan 2024, arXiv 2404.00498) for the fast rows (fast3, fast3s).
+#: airbench94's techniques (Jordan 2024, arXiv 2404.00498) for the fast rows (FAST_ARCHS).
 FAST_TRAINING: Dict[str, Any] = {
     "batch_norm": True, "activation": "relu", "bn_scale": False, "bn_momentum": 0.4, "whiten": True,
     "batch_size": 512, "optimizer": "nag", "lr": 1.5, "lr_base_batch": 1024, "momentum": 0.85,
@@ -52,7 +55,6 @@ CLASSIC_RECIPES: Dict[str, Dict[str, Any]] = {
     "fashion-mnist": {"epochs": 8, "lr": 0.1, "warmup_epochs": 0.5},
     "cifar10": {"epochs": 15, "lr": 0.1, "warmup_epochs": 1.0, "augment_crop": 4, "augment_flip": True},
 }
-CLASSIC_ARCHS = ("vgg11", "vgg13", "vgg16", "vgg19")
 
 
 def recipe_for(dataset: str, arch: Optional[str]) -> Dict[str, Any]:
@@ -121,9 +123,9 @@ class RunConfig:
     test_limit: Optional[int] = setting(None, "Use only the first N test images.", group="data", kind=int)
     # model
     arch: str = setting("vgg11", "VGG configuration: vgg11..vgg19 (A, B, D, E of Simonyan & Zisserman; they "
-                        "get the data set's classic recipe, experiments/*_vgg11.yaml) or fast3/fast3s "
-                        "(airbench94's 3-block rows).", group="model",
-                        choices=ARCHS)
+                        "get the data set's classic recipe, experiments/*_vgg11.yaml) or fast3/fast3s/fast3w "
+                        "(airbench's 3-block rows: 64/256/256, 64/128/256, 128/384/384 channels at width 1).",
+                        group="model", choices=ARCHS)
     width: float = setting(0.25, "Channel width multiplier (0.25 = the tutorials' ratio 4).", group="model")
     batch_norm: bool = setting(True, "BatchNorm after every convolution.", group="model")
     fc_units: Optional[int] = setting(None, "Units of the two hidden dense layers (default 4096 x width).",
@@ -143,8 +145,8 @@ class RunConfig:
                                  "m x running + (1 - m) x batch (airbench94's 0.6 is Gluon's 0.6; the fast "
                                  "recipes use 0.4, see benchmarks/README.md).", group="model")
     bn_eps: float = setting(1e-5, "BatchNorm epsilon (airbench94: 1e-12).", group="model")
-    whiten: bool = setting(False, "Initialize the 2x2 patch stem (fast3, fast3s) from the training data's patch "
-                           "covariance, frozen.", group="model")
+    whiten: bool = setting(False, "Initialize the 2x2 patch stem (fast3, fast3s, fast3w) from the training data's "
+                           "patch covariance, frozen.", group="model")
     # optimization
     epochs: int = setting(10, "Total epochs of the run.", group="optim")
     batch_size: int = setting(128, "Global batch size, split across devices.", group="optim")
@@ -274,13 +276,13 @@ class RunConfig:
             raise SettingError("alternate_flip", "changes how images are flipped: use it with augment_flip",
                                ("augment_flip",))
         if self.whiten and self.arch in CLASSIC_ARCHS:
-            raise SettingError("whiten", f"initializes a patch stem, which {self.arch} has not: use arch fast3 "
-                               "or fast3s", ("arch",))
+            raise SettingError("whiten", f"initializes a patch stem, which {self.arch} has not: use arch "
+                               f"{' or '.join(FAST_ARCHS)}", ("arch",))
         if self.stem_bias_epochs < 0:
             raise SettingError("stem_bias_epochs", f"must not be negative, got {self.stem_bias_epochs}")
         if self.stem_bias_epochs and self.arch in CLASSIC_ARCHS:
             raise SettingError("stem_bias_epochs", f"freezes a patch stem's bias, which {self.arch} has not: "
-                               "use arch fast3 or fast3s", ("arch",))
+                               f"use arch {' or '.join(FAST_ARCHS)}", ("arch",))
         if not self.bn_eps > 0:
             raise SettingError("bn_eps", f"must be positive, got {self.bn_eps}")
         for name in ("bn_momentum", "muon_momentum", "lookahead_decay", "lookahead_start", "lr_start", "lr_end"):

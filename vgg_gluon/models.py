@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 Spec = Tuple[Tuple[int, int], ...]
 
 #: (num_convs, channels) per block: configurations A, B, D and E of Simonyan & Zisserman (2014),
-#: then the fast-training rows (3 blocks of 2 convs, airbench94's shape; their layout is in LAYOUTS).
+#: then the fast-training rows (3 blocks of 2 convs, airbench94's shape, and airbench95's wider
+#: fast3w; their layout is in LAYOUTS).
 VGG_SPECS: Dict[str, Spec] = {
     "vgg11": ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512)),
     "vgg13": ((2, 64), (2, 128), (2, 256), (2, 512), (2, 512)),
@@ -36,6 +37,7 @@ VGG_SPECS: Dict[str, Spec] = {
     "vgg19": ((2, 64), (2, 128), (4, 256), (4, 512), (4, 512)),
     "fast3": ((2, 64), (2, 256), (2, 256)),
     "fast3s": ((2, 64), (2, 128), (2, 256)),
+    "fast3w": ((2, 128), (2, 384), (2, 384)),   # airbench95's widths
 }
 
 
@@ -56,10 +58,11 @@ class Layout:
     logit_scale: float = 1.0
 
 
-#: Rows whose layout differs from the classic VGG one (airbench94, Jordan 2024).
+#: Rows whose layout differs from the classic VGG one (airbench94 and airbench95, Jordan 2024).
 LAYOUTS: Dict[str, Layout] = {
     "fast3": Layout(pool="first", stem=2, head="linear", logit_scale=1 / 9),
     "fast3s": Layout(pool="first", stem=2, head="linear", logit_scale=1 / 9),
+    "fast3w": Layout(pool="first", stem=2, head="linear", logit_scale=1 / 9),
 }
 
 #: The configurations of the paper (the tutorial .params mapping knows only these): config's list.

@@ -118,10 +118,11 @@ def _check_devices(cfg: RunConfig, ctx_list, train: bool, resuming: bool = False
         from vgg_gluon import _env
         if not _env.onednn_has_bf16():
             raise ConfigError("--amp on a CPU trains in bfloat16, which needs a CPU with AVX512-BF16 (this one has "
-                              "none): use a GPU (--ctx gpu:0), or train in float32 without --amp")
+                              "none): use a GPU (--ctx gpu:0), or train in float32 (--no-amp; amp: false in a "
+                              "recipe file)")
         if cfg.batch_norm and not resuming and not _env.onednn_uses_amx():
             raise ConfigError("--amp on a CPU (bfloat16) is slower with BatchNorm unless the CPU has AMX (0.72-0.80x "
-                              "float32 with AVX512-BF16 alone, benchmarks/README.md): train in float32 (no --amp; "
+                              "float32 with AVX512-BF16 alone, benchmarks/README.md): train in float32 (--no-amp; "
                               "amp: false in a recipe file), or use --no-batch-norm")
 
 
