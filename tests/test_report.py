@@ -210,3 +210,21 @@ def test_training_crash_is_logged_and_listed(cli_env, tmp_path, monkeypatch):
     assert "Error: training crashed: RuntimeError: device fell off the bus" in (run / "train.log").read_text()
     rows = json.loads(_invoke("runs", "--dir", tmp_path, "--json").output)
     assert rows[0]["state"] == "crashed" and "device fell off the bus" in rows[0]["note"]
+
+
+def test_report_md_says_which_figures_used_test_time_augmentation(tmp_path):
+    """The report's own evaluation is one view per image; the run's per-epoch figure may be a TTA
+    one. report.md names each, so 0.9369 beside a run's 0.9387 does not read as a contradiction."""
+    from vgg_gluon import report
+    confusion = [[9, 1], [2, 8]]
+    kw = dict(run_name="r", classes=["a", "b"], confusion=confusion, checkpoint_name="epoch-0002", epoch=2,
+              images=[], dataset="cifar10", mistakes=3)
+    rows = [{"epoch": 1, "test_acc": 0.80, "tta": "flip-translate"},
+            {"epoch": 2, "test_acc": 0.875, "tta": "flip-translate"}]
+    report.write_report_md(tmp_path / "tta.md", history=rows, **kw)
+    md = (tmp_path / "tta.md").read_text()
+    assert "test accuracy **0.8500** on 20 images (one view each, no test-time augmentation)" in md
+    assert "last epoch's test accuracy 0.8750 (test-time augmentation flip-translate)." in md
+    plain = [{k: v for k, v in r.items() if k != "tta"} for r in rows]
+    report.write_report_md(tmp_path / "plain.md", history=plain, **kw)
+    assert "last epoch's test accuracy 0.8750. Best epoch 2" in (tmp_path / "plain.md").read_text()

@@ -217,12 +217,15 @@ def write_report_md(path: Path, *, run_name: str, classes: List[str], confusion,
     lines = [f"# Report: {run_name}", ""]
     lines.append(f"Data set {dataset}, checkpoint `{checkpoint_name}`"
                  + (f" (epoch {epoch})" if epoch is not None else "")
-                 + f": test accuracy **{correct / max(total, 1):.4f}** on {total} images, {mistakes} misclassified.")
+                 + f": test accuracy **{correct / max(total, 1):.4f}** on {total} images (one view each, no "
+                 f"test-time augmentation), {mistakes} misclassified.")
     if history:
         b = best_summary(history)
         chosen = ("validation accuracy" if b["best_split"] == "val" else
                   "test accuracy (no --val-split: an optimistic choice; the last epoch's figure is the fair one)")
-        line = f"Epochs trained: {b['last_epoch']}; last epoch's test accuracy {b['last_test_acc']:.4f}."
+        tta = history[-1].get("tta")
+        with_tta = f" (test-time augmentation {tta})" if isinstance(tta, str) and tta not in ("", "none") else ""
+        line = f"Epochs trained: {b['last_epoch']}; last epoch's test accuracy {b['last_test_acc']:.4f}{with_tta}."
         if b["best_epoch"] is not None:
             line += (f" Best epoch {b['best_epoch']}, chosen on {chosen}: {b['best_split']} accuracy "
                      f"{b['best_acc']:.4f}" + (f", test accuracy {b['best_test_acc']:.4f}" if b["best_split"] == "val"
